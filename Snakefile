@@ -1,0 +1,31 @@
+# Multi-magnification WSI classification: tiling -> features -> M2OTCA and baselines -> report.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/tiling.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        get_final_output,
+
+
+rule tiles:
+    input:
+        get_tile_outputs,
+
+
+rule tiles_summary:
+    input:
+        f"{RESULTS}/tiles/summary.tsv",

@@ -1,0 +1,44 @@
+"""QC thumbnail: the slide with its tissue contour and the kept finest/coarsest tiles drawn over it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.tiling import TileSet
+
+_CONTOUR = (0, 200, 0)  # RGB green: tissue outline
+_FINE = (30, 110, 255)  # RGB blue: finest tiles
+_COARSE = (255, 140, 0)  # RGB orange: coarsest tiles (regions)
+
+
+def qc_image(thumb: np.ndarray, mask: np.ndarray, thumb_scale: float, tiles: dict[str, TileSet],
+             tile_px: dict[str, float], target_side: int = 1600) -> np.ndarray:
+    """RGB QC picture; `thumb_scale` = level-0 px per thumbnail px, `tile_px` = level-0 side per magnification."""
+    zoom = max(1.0, min(4.0, target_side / max(thumb.shape[:2])))
+    img = cv2.resize(thumb, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_LINEAR) if zoom > 1 else thumb.copy()
+    m = cv2.resize(mask, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
+    s = zoom / thumb_scale  # picture px per level-0 px
+    names = list(tiles)
+    if names:
+        layers = [(names[0], _FINE, 1)] + ([(names[-1], _COARSE, 2)] if len(names) > 1 else [])
+        for name, colour, width in layers:
+            side = tile_px[name] * s
+            overlay = img.copy()
+            for x, y in tiles[name].coords:
+                p0 = (int(round(x * s)), int(round(y * s)))
+                p1 = (int(round(x * s + side)) - 1, int(round(y * s + side)) - 1)
+                cv2.rectangle(overlay, p0, p1, colour, width)
+            img = cv2.addWeighted(overlay, 0.6, img, 0.4, 0)
+    contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(img, contours, -1, _CONTOUR, 2)
+    return img
+
+
+def write_png(path: str | Path, rgb: np.ndarray) -> None:
+    """RGB array -> PNG (OpenCV writes BGR)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"cannot write {path}")

@@ -1,0 +1,275 @@
+"""The only module that knows the Zarr (v3) layout of tile and feature stores.
+
+Tile store `tiles/<slide_id>.zarr`: one group per magnification ("20x", "10x", "5x") with
+`coords` (N, 2) int64, `grid` (N, 2) int32, `tissue` (N,) float32, `region` (N,) int32,
+`parent` (N,) int64; provenance in the root attributes.
+
+Feature store `features/<encoder>/<slide_id>.zarr`: one group per magnification with
+`features` (N, D) float16 chunked along N, `coords`, `region` (copied, so the store is
+self-contained) and `failed` (N,) bool; provenance in the root attributes.
+
+Every store is built under a temporary name and renamed when complete, so a store at its final
+path is always whole. A store whose root attribute `status` is "failed" records why its slide
+could not be processed (the workflow goes on with the other slides).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline import __version__
+from pipeline.errors import SlideError
+from pipeline.tiling import TileSet
+
+LAYOUT_VERSION = 1
+TILE_ARRAYS = {"coords": np.int64, "grid": np.int32, "tissue": np.float32, "region": np.int32, "parent": np.int64}
+_PROGRESS = "progress.json"  # inside a partial feature store: rows completed per magnification
+
+
+def _json_safe(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished store into place, replacing an older one without a window of absence."""
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _tmp_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def store_status(path: str | Path) -> str:
+    """"ok", "failed", "missing" or "broken" (unreadable root metadata)."""
+    p = Path(path)
+    if not p.exists():
+        return "missing"
+    try:
+        attrs = dict(zarr.open_group(str(p), mode="r").attrs)
+    except Exception:
+        return "broken"
+    return str(attrs.get("status", "broken"))
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    return dict(zarr.open_group(str(path), mode="r").attrs)
+
+
+def tiles_digest(tiles: dict[str, TileSet]) -> str:
+    """sha256 of the tile coordinates of every magnification: what feature stores are tied to."""
+    h = hashlib.sha256()
+    for name, ts in tiles.items():
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(ts.coords, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- tile stores
+
+
+def write_tile_store(path: str | Path, tiles: dict[str, TileSet], attrs: dict[str, Any]) -> None:
+    """Write a complete tile store atomically (temporary name, then rename)."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    for name, ts in tiles.items():
+        n = len(ts)
+        for key, dtype in TILE_ARRAYS.items():
+            data = np.asarray(getattr(ts, key), dtype=dtype)
+            chunks = (max(n, 1),) + data.shape[1:]
+            arr = root.create_array(f"{name}/{key}", shape=data.shape, dtype=dtype, chunks=chunks)
+            if n:
+                arr[...] = data
+    meta = {
+        "layout_version": LAYOUT_VERSION,
+        "kind": "tiles",
+        "status": "ok",
+        "magnifications": list(tiles),
+        "n_tiles": {name: len(ts) for name, ts in tiles.items()},
+        "tiles_sha256": tiles_digest(tiles),
+        "package_version": __version__,
+        **attrs,
+    }
+    root.attrs.update(_json_safe(meta))
+    _replace_dir(tmp, final)
+
+
+def write_failed_store(path: str | Path, kind: str, slide_id: str, error: str, attrs: dict[str, Any] | None = None) -> None:
+    """A store that records why `slide_id` failed, so the cohort goes on and the report lists it."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    meta = {"layout_version": LAYOUT_VERSION, "kind": kind, "status": "failed", "slide_id": slide_id,
+            "error": error, "package_version": __version__, **(attrs or {})}
+    root.attrs.update(_json_safe(meta))
+    _replace_dir(tmp, final)
+
+
+@dataclass
+class TileStore:
+    attrs: dict[str, Any]
+    tiles: dict[str, TileSet]
+
+
+def _require_ok(path: Path, kind: str) -> zarr.Group:
+    status = store_status(path)
+    if status == "missing":
+        raise SlideError(path.stem, f"{kind} store not found: {path}")
+    if status == "broken":
+        raise SlideError(path.stem, f"{kind} store is unreadable: {path}")
+    root = zarr.open_group(str(path), mode="r")
+    if status == "failed":
+        raise SlideError(root.attrs.get("slide_id", path.stem), str(root.attrs.get("error", "failed earlier")))
+    if root.attrs.get("kind") != kind:
+        raise SlideError(path.stem, f"{path} is a {root.attrs.get('kind')} store, not a {kind} store")
+    return root
+
+
+def read_tile_store(path: str | Path) -> TileStore:
+    """Read a finished tile store; a failed one raises its recorded SlideError."""
+    root = _require_ok(Path(path), "tiles")
+    attrs = dict(root.attrs)
+    tiles = {}
+    for name in attrs["magnifications"]:
+        g = root[name]
+        tiles[name] = TileSet(**{k: np.asarray(g[k][...], dtype=dt) for k, dt in TILE_ARRAYS.items()})
+    return TileStore(attrs=attrs, tiles=tiles)
+
+
+# --------------------------------------------------------------------------- feature stores
+
+
+@dataclass
+class FeatureSet:
+    features: np.ndarray  # (N, D) float16
+    coords: np.ndarray  # (N, 2) int64
+    region: np.ndarray  # (N,) int32
+    failed: np.ndarray  # (N,) bool, tiles that could not be decoded
+
+
+class StoreBusy(RuntimeError):
+    """Another process is writing this store."""
+
+
+class FeatureStoreWriter:
+    """Resumable writer: chunks land in `<store>.partial` as they complete, then one rename.
+
+    A restart with the same `attrs` continues after the last committed chunk; different attrs
+    (another encoder, changed tiles) start over. A lock file keeps two writers apart.
+    """
+
+    def __init__(self, path: str | Path, tiles: dict[str, TileSet], dims: dict[str, int],
+                 attrs: dict[str, Any], chunk_rows: int = 2048):
+        self.final = Path(path)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.final.with_name(self.final.name + ".partial")
+        self.chunk_rows = chunk_rows
+        self._lock_path = self.final.with_name(f".{self.final.name}.lock")
+        self._lock = open(self._lock_path, "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise StoreBusy(f"another process is writing {self.final}") from None
+        meta = _json_safe({
+            "layout_version": LAYOUT_VERSION, "kind": "features", "status": "ok",
+            "magnifications": list(tiles), "n_tiles": {k: len(v) for k, v in tiles.items()},
+            "dims": dims, "chunk_rows": chunk_rows, "package_version": __version__, **attrs,
+        })
+        self.progress = self._resume(meta)
+        if self.progress is None:
+            self._create(tiles, dims, meta)
+        self.root = zarr.open_group(str(self.partial), mode="r+")
+
+    def _resume(self, meta: dict[str, Any]) -> dict[str, int] | None:
+        prog = self.partial / _PROGRESS
+        try:
+            old = dict(zarr.open_group(str(self.partial), mode="r").attrs)
+            done = json.loads(prog.read_text())
+        except Exception:
+            return None
+        return {k: int(v) for k, v in done.items()} if old == meta else None
+
+    def _create(self, tiles, dims, meta) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
+        root = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
+        for name, ts in tiles.items():
+            n, d = len(ts), dims[name]
+            rows = max(1, min(self.chunk_rows, n))
+            root.create_array(f"{name}/features", shape=(n, d), dtype=np.float16, chunks=(rows, d))
+            root.create_array(f"{name}/failed", shape=(n,), dtype=bool, chunks=(rows,))
+            for key in ("coords", "region"):
+                data = np.asarray(getattr(ts, key), dtype=TILE_ARRAYS[key])
+                arr = root.create_array(f"{name}/{key}", shape=data.shape, dtype=data.dtype,
+                                        chunks=(max(n, 1),) + data.shape[1:])
+                if n:
+                    arr[...] = data
+        root.attrs.update(meta)
+        self._write_progress({name: 0 for name in tiles})
+        self.progress = {name: 0 for name in tiles}
+
+    def _write_progress(self, progress: dict[str, int]) -> None:
+        tmp = self.partial / (_PROGRESS + ".tmp")
+        tmp.write_text(json.dumps(progress))
+        os.replace(tmp, self.partial / _PROGRESS)
+
+    def rows_done(self, mag: str) -> int:
+        return self.progress[mag]
+
+    def write(self, mag: str, start: int, feats: np.ndarray, failed: np.ndarray) -> None:
+        """Write rows [start, start + len) and commit them; `start` must be where the last write ended."""
+        assert start == self.progress[mag], f"{mag}: expected rows from {self.progress[mag]}, got {start}"
+        end = start + len(feats)
+        g = self.root[mag]
+        g["features"][start:end] = np.asarray(feats, dtype=np.float16)
+        g["failed"][start:end] = np.asarray(failed, dtype=bool)
+        self.progress[mag] = end
+        self._write_progress(self.progress)
+
+    def finalize(self) -> None:
+        (self.partial / _PROGRESS).unlink(missing_ok=True)
+        _replace_dir(self.partial, self.final)
+        self.close()
+
+    def close(self) -> None:
+        if not self._lock.closed:
+            with contextlib.suppress(OSError):
+                self._lock_path.unlink()
+            self._lock.close()
+
+
+def read_feature_store(path: str | Path, mags: list[str] | None = None) -> tuple[dict[str, Any], dict[str, FeatureSet]]:
+    """Attributes and per-magnification features of a finished feature store."""
+    root = _require_ok(Path(path), "features")
+    attrs = dict(root.attrs)
+    out = {}
+    for name in mags or attrs["magnifications"]:
+        g = root[name]
+        out[name] = FeatureSet(
+            features=np.asarray(g["features"][...]),
+            coords=np.asarray(g["coords"][...]),
+            region=np.asarray(g["region"][...]),
+            failed=np.asarray(g["failed"][...]),
+        )
+    return attrs, out

@@ -1,0 +1,84 @@
+"""The tiling stage as a library call: slide -> tile store + mask PNG + QC thumbnail."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import TilingConfig
+from pipeline.errors import SlideError
+from pipeline.qc import qc_image, write_png
+from pipeline.slide import fingerprint, open_slide
+from pipeline.store import write_failed_store, write_tile_store
+from pipeline.tiling import tile_slide, write_mask_png
+
+log = logging.getLogger(__name__)
+
+
+def tile_to_store(slide_path: str | Path, out: str | Path, cfg: TilingConfig, mpp: float | None = None,
+                  slide_id: str | None = None, qc_png: str | Path | None = None,
+                  mask_png: str | Path | None = None) -> dict[str, int]:
+    """Tile one slide into `out`; returns the tile count per magnification. Raises SlideError."""
+    slide_path = Path(slide_path)
+    slide_id = slide_id or slide_path.stem
+    with open_slide(slide_path, mpp=mpp) as slide:
+        info = slide.info
+        res = tile_slide(slide, cfg)
+    counts = {name: len(ts) for name, ts in res.tiles.items()}
+    if not any(counts.values()):
+        log.warning("%s: no tissue found; writing an empty store", slide_id)
+    stat = os.stat(slide_path)
+    attrs = {
+        "slide_id": slide_id,
+        "slide_path": str(slide_path.resolve()),
+        "slide_size_bytes": stat.st_size,
+        "slide_mtime": stat.st_mtime,
+        "slide_fingerprint": fingerprint(slide_path),
+        "vendor": info.vendor,
+        "backend": info.backend,
+        "level0_size": [info.width, info.height],
+        "base_mpp": info.mpp,
+        "mpp_source": info.mpp_source,
+        "tiling": cfg.to_dict(),
+        "mask_mpp": res.mask_mpp,
+        "tile_px_level0": {name: res.grid.finest_px * 2**i for i, name in enumerate(res.tiles)},
+        "region_grid": [res.grid.region_rows, res.grid.region_cols],
+    }
+    write_tile_store(out, res.tiles, attrs)
+    scale = res.mask_mpp / info.mpp
+    if mask_png:
+        Path(mask_png).parent.mkdir(parents=True, exist_ok=True)
+        write_mask_png(mask_png, res.mask)
+    if qc_png:
+        write_png(qc_png, qc_image(res.thumbnail, res.mask, scale, res.tiles, attrs["tile_px_level0"]))
+    log.info("%s: base %.4g µm/px (%s), tiles %s", slide_id, info.mpp, info.mpp_source,
+             ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return counts
+
+
+def error_png(path: str | Path, message: str) -> None:
+    """A small grey picture carrying the error, so a failed slide still shows in the report."""
+    import cv2
+
+    img = np.full((160, 900, 3), 235, np.uint8)
+    words, lines, line = message.split(), [], ""
+    for w in words:
+        if len(line) + len(w) > 70:
+            lines.append(line)
+            line = ""
+        line += w + " "
+    lines.append(line)
+    for i, text in enumerate(["FAILED"] + lines[:5]):
+        cv2.putText(img, text, (12, 28 + 24 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (180, 0, 0) if i == 0 else (40, 40, 40), 1, cv2.LINE_AA)
+    write_png(path, img)
+
+
+def record_failure(out: str | Path, err: SlideError, slide_id: str | None = None, qc_png=None, mask_png=None) -> None:
+    """Write a failed tile store (and placeholder PNGs) so the workflow goes on."""
+    write_failed_store(out, "tiles", slide_id or err.slide, str(err))
+    for p in (qc_png, mask_png):
+        if p:
+            error_png(p, str(err))

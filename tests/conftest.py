@@ -1,0 +1,62 @@
+"""Shared fixtures. Real public slides come from ../shared/slides through `shared_slide` only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SLIDES = Path(os.environ.get("PIPELINE_SHARED_SLIDES", REPO.parent / "shared" / "slides"))
+
+
+def shared_slide(name: str) -> Path:
+    """Path of a slide in ../shared/slides; skips locally, fails loudly in CI when missing."""
+    p = SHARED_SLIDES / name
+    if not p.exists():
+        msg = f"shared test slide missing: {p} (tests expect ../shared/slides beside the repo)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return p
+
+
+@pytest.fixture
+def cmu() -> Path:
+    return shared_slide("CMU-1-Small-Region.svs")
+
+
+def write_tiff(path: Path, img: np.ndarray, mpp: float | None = 0.5, tiled: bool = True, levels: int = 1, **kw) -> Path:
+    """A small (pyramidal) RGB TIFF written with tifffile; `tiled=False` makes a stripped one."""
+    import cv2
+    import tifffile
+
+    opts = dict(photometric="rgb", compression="jpeg" if tiled else None, **kw)
+    if tiled:
+        opts["tile"] = (64, 64)
+    else:
+        opts["rowsperstrip"] = 16
+    if mpp is not None:
+        opts.update(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, **opts)
+        for i in range(1, levels if tiled else 1):
+            small = cv2.resize(img, (img.shape[1] >> i, img.shape[0] >> i), interpolation=cv2.INTER_AREA)
+            tw.write(small, subfiletype=1, **{k: v for k, v in opts.items() if k not in ("resolution", "resolutionunit")})
+    return path
+
+
+def tissue_image(h: int, w: int, seed: int = 0, blobs: int = 3) -> np.ndarray:
+    """White background with a few pink/purple blobs of 'tissue' (deterministic)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 245, np.uint8)
+    for _ in range(blobs):
+        c = (int(rng.integers(w // 5, 4 * w // 5)), int(rng.integers(h // 5, 4 * h // 5)))
+        axes = (int(rng.integers(w // 10, w // 4)), int(rng.integers(h // 10, h // 4)))
+        cv2.ellipse(img, c, axes, float(rng.integers(0, 180)), 0, 360, (200, 110, 170), -1)
+    noise = rng.integers(-12, 12, img.shape)
+    return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)

@@ -1,0 +1,84 @@
+import functools
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+from snakemake.utils import validate
+
+from pipeline import __version__ as PIPELINE_VERSION
+from pipeline.sheet import read_sheet
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+SHEET_SCHEMA = str(Path(workflow.basedir) / "workflow" / "schemas" / "slides.schema.yaml")
+COHORT = config["cohort"]
+RESULTS = f"results/{COHORT}"
+LOGS = f"logs/{COHORT}"
+BENCH = f"benchmarks/{COHORT}"
+
+
+wildcard_constraints:
+    slide=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+
+
+def demo_pending():
+    """True when the demo cohort is configured and its sheet is not written yet."""
+    return config["demo"]["enabled"] and not Path(config["slides"]).exists()
+
+
+def get_sheet():
+    """Validated slide sheet as a DataFrame indexed by slide_id (after the demo checkpoint)."""
+    if config["demo"]["enabled"]:
+        checkpoints.make_demo_cohort.get()
+    return _load_sheet(config["slides"])
+
+
+@functools.cache
+def _load_sheet(path):
+    rows = read_sheet(
+        config["slides"],
+        allowed_roots=[Path(r) for r in config["allowed_roots"]] or None,
+    )
+    sheet = pd.DataFrame(
+        [
+            {
+                "slide_id": r.slide_id,
+                "path": str(r.path),
+                "label": r.label,
+                "patient_id": r.patient_id,
+                "mpp": r.mpp,
+                "split": r.split,
+            }
+            for r in rows
+        ]
+    ).set_index("slide_id", drop=False)
+    validate(sheet, schema=SHEET_SCHEMA)
+    return sheet
+
+
+def get_slide_path(wildcards):
+    return get_sheet().loc[wildcards.slide, "path"]
+
+
+def get_mpp_arg(wildcards):
+    mpp = get_sheet().loc[wildcards.slide, "mpp"]
+    return "" if pd.isna(mpp) else f"--mpp {mpp}"
+
+
+def tiling_json():
+    return json.dumps(config["tiling"])
+
+
+def get_tile_stores(wildcards=None):
+    return expand(f"{RESULTS}/tiles/{{slide}}.zarr", slide=get_sheet().index)
+
+
+def get_tile_outputs(wildcards=None):
+    return get_tile_stores() + expand(
+        f"{RESULTS}/qc/{{slide}}.png", slide=get_sheet().index
+    )
+
+
+def get_final_output(wildcards=None):
+    return get_tile_outputs() + [f"{RESULTS}/tiles/summary.tsv"]

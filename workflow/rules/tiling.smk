@@ -1,0 +1,53 @@
+rule tile_slide:
+    input:
+        slide=get_slide_path,
+    output:
+        store=directory(f"{RESULTS}/tiles/{{slide}}.zarr"),
+        qc=report(
+            f"{RESULTS}/qc/{{slide}}.png",
+            caption="../report/qc.rst",
+            category="Slide QC",
+            labels={"slide": "{slide}"},
+        ),
+        mask=f"{RESULTS}/qc/{{slide}}.mask.png",
+    log:
+        f"{LOGS}/tile_slide/{{slide}}.log",
+    benchmark:
+        f"{BENCH}/tile_slide/{{slide}}.tsv"
+    conda:
+        "../../envs/tiling.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        mpp=get_mpp_arg,
+        tiling=tiling_json(),
+        version=PIPELINE_VERSION,
+    shell:
+        "python -m pipeline tile {input.slide:q} --out {output.store:q} --slide-id {wildcards.slide} "
+        "{params.mpp} --tiling '{params.tiling}' --qc {output.qc:q} --mask {output.mask:q} "
+        "--record-failure > {log} 2>&1"
+
+
+rule summarize_tiles:
+    input:
+        stores=get_tile_stores,
+    output:
+        table=report(
+            f"{RESULTS}/tiles/summary.tsv",
+            caption="../report/tiles.rst",
+            category="Slides",
+        ),
+        failed=f"{RESULTS}/failed_slides.tsv",
+    log:
+        f"{LOGS}/summarize_tiles.log",
+    conda:
+        "../../envs/tiling.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m pipeline summarize-tiles {input.stores:q} --out {output.table:q} "
+        "--failed {output.failed:q} > {log} 2>&1"
