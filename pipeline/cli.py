@@ -61,6 +61,47 @@ def _tile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="tile store (<slide_id>.zarr) made by `tile`")
+    p.add_argument("--slide", default=None, help="slide file (default: the path recorded in the tile store)")
+    p.add_argument("--encoder", required=True, help="resnet18_simclr, uni or timm:<name>")
+    p.add_argument("--weights", default=None, help="local weights file (none: random init, with a warning)")
+    p.add_argument("--out", required=True, help="feature store to write")
+    p.add_argument("--mpp", type=float, default=None, help="override the scan resolution (µm/px)")
+    p.add_argument("--mags", default=None, help="comma-separated magnifications (default: all in the store)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1, help="decoding processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    p.add_argument("--on-tile-error", choices=["fail", "record"], default="fail",
+                   help="a tile that fails to decode fails the slide, or is recorded and masked")
+    p.add_argument("--record-failure", action="store_true",
+                   help="on a slide error, write a failed feature store and exit 0")
+
+
+@command("extract", _extract_args)
+def _extract(args: argparse.Namespace) -> int:
+    """Encode every tile of a tile store into a feature store (resumable)."""
+    from pipeline.extract import ExtractConfig, extract_features
+    from pipeline.store import StoreBusy, write_failed_store
+
+    cfg = ExtractConfig(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                        compile=args.compile, on_tile_error=args.on_tile_error)
+    mags = args.mags.split(",") if args.mags else None
+    try:
+        extract_features(args.store, args.out, args.encoder, args.weights, slide=args.slide, mpp=args.mpp,
+                         mags=mags, cfg=cfg)
+    except StoreBusy as e:
+        print(f"error: {Path(args.store).name}: {e}; stopping", file=sys.stderr)
+        return 75
+    except SlideError as e:
+        if not args.record_failure:
+            raise
+        write_failed_store(args.out, "features", e.slide, str(e), {"encoder": args.encoder})
+        print(f"error: {e}", file=sys.stderr)
+    return 0
+
+
 def _summary_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", help="tile or feature stores")
     p.add_argument("--out", required=True, help="per-slide table (TSV)")
@@ -112,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.captureWarnings(True)  # warnings go to the log (stdout); stderr is for the error line
     try:
         return int(args.func(args) or 0)
     except (SlideError, SheetError) as e:

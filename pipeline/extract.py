@@ -1,0 +1,211 @@
+"""Patch feature extraction: tile store -> feature store, resumable, GPU when present.
+
+Decoding runs in DataLoader workers (each opens its own slide handle) and hands uint8 batches
+to the main process, which normalises them on the device and runs the encoder under
+`inference_mode` (autocast on CUDA). Rows are written in tile-store order, one committed chunk
+at a time, so a killed run resumes from its last chunk and ends byte-identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.errors import SlideError
+from pipeline.slide import fingerprint, open_slide
+from pipeline.store import FeatureStoreWriter, read_tile_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = 64  # tiles per encoder call (halved on CUDA out-of-memory)
+    num_workers: int = 1  # decoding processes; 0 decodes in the main process
+    chunk_batches: int = 16  # batches per committed (resumable) chunk
+    device: str = "auto"  # "auto" = CUDA when available, else CPU
+    compile: bool = False  # torch.compile the encoder (CUDA; pays off on big cohorts)
+    on_tile_error: str = "fail"  # "fail" the slide, or "record" the tile as failed (masked downstream)
+    check_slide: bool = True  # refuse when the slide file changed since tiling
+
+
+class TileDataset(Dataset):
+    """Tiles of one magnification as uint8 (S, S, 3) arrays; each worker opens its own slide."""
+
+    def __init__(self, slide_path: str, mpp: float, coords: np.ndarray, tile_mpp: float, size: int):
+        self.slide_path, self.mpp, self.coords = slide_path, mpp, coords
+        self.tile_mpp, self.size = tile_mpp, size
+        self._slide = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def _handle(self):
+        if self._slide is None or self._pid != os.getpid():  # one handle per worker process
+            self._slide, self._pid = open_slide(self.slide_path, mpp=self.mpp), os.getpid()
+        return self._slide
+
+    def __getitem__(self, i: int):
+        x, y = (int(v) for v in self.coords[i])
+        try:
+            img = self._handle().read(x, y, self.size, self.tile_mpp)
+            return torch.from_numpy(img), ""
+        except SlideError as e:  # reported in-band: the main process decides fail vs record
+            return torch.zeros((self.size, self.size, 3), dtype=torch.uint8), e.cause
+
+
+def collate(items):
+    imgs = torch.stack([im for im, _ in items])  # (B, S, S, 3) uint8
+    return imgs, [err for _, err in items]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Encoder:
+    """The model plus its on-device transform, precision and an OOM-halving batch size."""
+
+    def __init__(self, name: str, weights: str | None, device: torch.device, compile: bool = False):
+        from pipeline.encoders import build_encoder
+
+        self.model, self.spec = build_encoder(name, weights)
+        self.device = device
+        self.model.to(device)
+        self.is_cnn = not hasattr(self.model, "patch_embed")
+        if self.is_cnn:
+            self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model = torch.compile(self.model)
+        self.sub_batch: int | None = None  # set after the first out-of-memory
+
+    @torch.inference_mode()
+    def _run(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        x = self.spec.batch_transform(x_uint8.to(self.device, non_blocking=True))  # (B, 3, S, S)
+        if self.is_cnn:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=self.spec.precision):
+                y = self.model(x)
+        else:
+            y = self.model(x)
+        return y.float().cpu()  # (B, D)
+
+    def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        step = self.sub_batch or len(x_uint8)
+        out = []
+        i = 0
+        while i < len(x_uint8):
+            try:
+                out.append(self._run(x_uint8[i : i + step]))
+                i += step
+            except torch.OutOfMemoryError:
+                if step == 1:
+                    raise
+                step = max(1, step // 2)
+                self.sub_batch = step
+                torch.cuda.empty_cache()
+                log.warning("CUDA out of memory: encoder batch size halved to %d", step)
+        return torch.cat(out)
+
+
+def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weights: str | None = None,
+                     slide: str | None = None, mpp: float | None = None, mags: list[str] | None = None,
+                     cfg: ExtractConfig | None = None, enc: Encoder | None = None) -> dict[str, int]:
+    """Extract features of every tile of `mags` (default: all) into the feature store `out`."""
+    cfg = cfg or ExtractConfig()
+    ts = read_tile_store(tile_store)
+    attrs = ts.attrs
+    slide_id = attrs["slide_id"]
+    slide_path = slide or attrs["slide_path"]
+    if cfg.check_slide and fingerprint(slide_path) != attrs["slide_fingerprint"]:
+        raise SlideError(slide_id, f"slide file changed since tiling ({slide_path}); re-run tiling")
+    base_mpp = mpp or attrs["base_mpp"]
+    mags = mags or list(ts.tiles)
+    unknown = [m for m in mags if m not in ts.tiles]
+    if unknown:
+        raise SlideError(slide_id, f"magnification(s) {unknown} not in the tile store {tile_store}")
+    device = pick_device(cfg.device)
+    enc = enc or Encoder(encoder, weights, device, cfg.compile)
+    tiles = {m: ts.tiles[m] for m in mags}
+    chunk_rows = cfg.batch_size * cfg.chunk_batches
+    store_attrs = {
+        "slide_id": slide_id,
+        "slide_fingerprint": attrs["slide_fingerprint"],
+        "tiles_sha256": attrs["tiles_sha256"],
+        "tile_size": attrs["tiling"]["tile_size"],
+        "target_mpp": {m: attrs["tiling"]["magnifications"][m] for m in mags},
+        "on_tile_error": cfg.on_tile_error,
+        **enc.spec.attrs(),
+    }
+    dims = {m: enc.spec.out_dim for m in mags}
+    writer = FeatureStoreWriter(out, tiles, dims, store_attrs, chunk_rows=chunk_rows)
+    n_failed = {}
+    try:
+        for m in mags:
+            n_failed[m] = _extract_mag(writer, m, slide_path, base_mpp, tiles[m].coords,
+                                       attrs["tiling"]["magnifications"][m], attrs["tiling"]["tile_size"],
+                                       enc, cfg, slide_id, device)
+        writer.finalize()
+    finally:
+        writer.close()
+    return {m: len(tiles[m]) for m in mags}
+
+
+def _extract_mag(writer: FeatureStoreWriter, mag: str, slide_path: str, base_mpp: float, coords: np.ndarray,
+                 tile_mpp: float, size: int, enc: Encoder, cfg: ExtractConfig, slide_id: str,
+                 device: torch.device) -> int:
+    """Encode one magnification from the writer's resume point; returns the failed-tile count."""
+    from tqdm import tqdm
+
+    start = writer.rows_done(mag)
+    n = len(coords)
+    if start >= n:
+        return 0
+    ds = TileDataset(slide_path, base_mpp, coords[start:], tile_mpp, size)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+    feats: list[np.ndarray] = []
+    failed: list[np.ndarray] = []
+    row = start
+    n_failed = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=n, initial=start, desc=f"{slide_id} {mag}", unit="tile", file=sys.stdout,
+               mininterval=1.0 if sys.stdout.isatty() else 15.0, dynamic_ncols=True)
+    pos = start  # absolute index of the current batch's first tile
+    for imgs, errs in loader:
+        bad = np.array([bool(e) for e in errs])
+        if bad.any():
+            i = int(np.argmax(bad))
+            x, y = (int(v) for v in coords[pos + i])
+            if cfg.on_tile_error != "record":
+                raise SlideError(slide_id, f"tile {mag} #{pos + i} at level-0 ({x}, {y}) failed to decode: {errs[i]}")
+            log.warning("%s: %d tile(s) failed to decode at %s, first #%d at (%d, %d): %s",
+                        slide_id, int(bad.sum()), mag, pos + i, x, y, errs[i])
+            n_failed += int(bad.sum())
+        f = enc(imgs).numpy()  # (B, D) float32
+        f[bad] = 0.0
+        feats.append(f.astype(np.float16))
+        failed.append(bad)
+        pos += len(imgs)
+        if pos - row >= writer.chunk_rows or pos == n:
+            writer.write(mag, row, np.concatenate(feats), np.concatenate(failed))
+            row = pos
+            feats, failed = [], []
+        bar.update(len(imgs))
+    bar.close()
+    dt = time.perf_counter() - t0
+    log.info("%s %s: %d tiles in %.1f s (%.1f tiles/s)", slide_id, mag, n - start, dt, (n - start) / max(dt, 1e-9))
+    return n_failed

@@ -1,0 +1,177 @@
+"""Feature extraction: stores, determinism, resume after kill -9, decode failures, locking."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import shared_slide, tissue_image, write_tiff
+
+from pipeline.config import TilingConfig
+from pipeline.errors import SlideError
+from pipeline.extract import ExtractConfig, extract_features
+from pipeline.store import (
+    FeatureStoreWriter,
+    StoreBusy,
+    read_feature_store,
+    read_tile_store,
+    store_status,
+)
+from pipeline.tile_stage import tile_to_store
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under a store, by relative path."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ext")
+    slide = write_tiff(d / "s.tif", tissue_image(2400, 2400, seed=3, blobs=5), mpp=0.5, levels=3)
+    tile_to_store(slide, d / "s.zarr", TilingConfig(tile_size=64))
+    return d, slide
+
+
+def test_extract_writes_self_contained_store(tiled, tmp_path):
+    d, slide = tiled
+    cfg = ExtractConfig(batch_size=16, num_workers=0, chunk_batches=2)
+    counts = extract_features(d / "s.zarr", tmp_path / "f.zarr", "resnet18_simclr", cfg=cfg)
+    ts = read_tile_store(d / "s.zarr")
+    attrs, feats = read_feature_store(tmp_path / "f.zarr")
+    assert counts == {m: len(t) for m, t in ts.tiles.items()} and counts["20x"] > 40
+    for m, f in feats.items():
+        assert f.features.shape == (len(ts.tiles[m]), 512) and f.features.dtype == np.float16
+        assert np.isfinite(f.features).all() and not f.failed.any()
+        np.testing.assert_array_equal(f.coords, ts.tiles[m].coords)
+        np.testing.assert_array_equal(f.region, ts.tiles[m].region)
+    assert attrs["encoder"] == "resnet18_simclr" and attrs["pretrained"] is False
+    assert attrs["tiles_sha256"] == ts.attrs["tiles_sha256"] and "ToTensor" in attrs["transform"]
+    # deterministic: same inputs, same bytes, whatever the worker count
+    extract_features(d / "s.zarr", tmp_path / "g.zarr", "resnet18_simclr",
+                     cfg=ExtractConfig(batch_size=16, num_workers=1, chunk_batches=2))
+    assert tree_digest(tmp_path / "f.zarr") == tree_digest(tmp_path / "g.zarr")
+
+
+def test_only_requested_mags(tiled, tmp_path):
+    d, _ = tiled
+    extract_features(d / "s.zarr", tmp_path / "f.zarr", "resnet18_simclr", mags=["10x", "5x"],
+                     cfg=ExtractConfig(num_workers=0))
+    attrs, feats = read_feature_store(tmp_path / "f.zarr")
+    assert list(feats) == ["10x", "5x"] and attrs["magnifications"] == ["10x", "5x"]
+
+
+def test_kill9_resume_is_byte_identical(tiled, tmp_path):
+    d, _ = tiled
+    ref = tmp_path / "ref.zarr"
+    cmd = [sys.executable, "-m", "pipeline", "extract", str(d / "s.zarr"), "--encoder", "resnet18_simclr",
+           "--batch-size", "8", "--workers", "0"]
+    assert subprocess.run(cmd + ["--out", str(ref)], capture_output=True).returncode == 0
+    out = tmp_path / "out.zarr"
+    partial = out.with_name(out.name + ".partial")
+    kills = 0
+    for delay in (2.5, 3.5):  # kill -9 at two points mid-run, resume each time
+        p = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + delay + 30
+        while time.time() < deadline and not (partial / "progress.json").exists():
+            time.sleep(0.05)
+        time.sleep(delay - 2.0)
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            kills += 1
+        assert not out.exists() or p.returncode == 0, "a killed run must not leave a final store"
+    assert kills >= 1
+    r = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not partial.exists()
+    assert tree_digest(out) == tree_digest(ref)
+
+
+def test_resume_continues_after_last_chunk(tiled, tmp_path, monkeypatch):
+    """A partial store with committed rows is continued, not restarted."""
+    d, _ = tiled
+    out = tmp_path / "f.zarr"
+    cfg = ExtractConfig(batch_size=8, num_workers=0, chunk_batches=1)
+    import pipeline.extract as ex
+
+    calls = {"n": 0}
+    real = ex.Encoder.__call__
+
+    def boom(self, x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, x)
+
+    monkeypatch.setattr(ex.Encoder, "__call__", boom)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(d / "s.zarr", out, "resnet18_simclr", cfg=cfg)
+    monkeypatch.setattr(ex.Encoder, "__call__", real)
+    seen = []
+    monkeypatch.setattr(ex.Encoder, "__call__", lambda self, x: (seen.append(len(x)), real(self, x))[1])
+    extract_features(d / "s.zarr", out, "resnet18_simclr", cfg=cfg)
+    n_total = sum(len(t) for t in read_tile_store(d / "s.zarr").tiles.values())
+    assert sum(seen) == n_total - 16  # two committed chunks of 8 were not recomputed
+
+
+def test_unreadable_tile_fails_slide_naming_coords_or_is_recorded(tmp_path):
+    slide = shared_slide("broken/unreadable.svs")
+    store = tmp_path / "u.zarr"
+    from pipeline.store import write_tile_store
+    from pipeline.tiling import TileSet
+
+    one = TileSet(coords=np.array([[0, 0]]), grid=np.array([[0, 0]], np.int32), tissue=np.ones(1, np.float32),
+                  region=np.zeros(1, np.int32), parent=np.array([-1]))
+    from pipeline.slide import fingerprint
+
+    write_tile_store(store, {"20x": one}, {"slide_id": "unreadable", "slide_path": str(slide), "base_mpp": 0.499,
+                                          "slide_fingerprint": fingerprint(slide),
+                                          "tiling": {"tile_size": 64, "magnifications": {"20x": 0.5}}})
+    with pytest.raises(SlideError, match=r"unreadable: tile 20x #0 at level-0 \(0, 0\) failed to decode.*Bogus"):
+        extract_features(store, tmp_path / "f.zarr", "resnet18_simclr", cfg=ExtractConfig(num_workers=0))
+    assert store_status(tmp_path / "f.zarr") == "missing"
+    extract_features(store, tmp_path / "f.zarr", "resnet18_simclr",
+                     cfg=ExtractConfig(num_workers=0, on_tile_error="record"))
+    _, feats = read_feature_store(tmp_path / "f.zarr")
+    assert feats["20x"].failed.tolist() == [True] and (feats["20x"].features == 0).all()
+
+
+def test_changed_slide_is_refused(tmp_path):
+    slide = write_tiff(tmp_path / "s.tif", tissue_image(800, 800), mpp=0.5, tiled=False)
+    tile_to_store(slide, tmp_path / "s.zarr", TilingConfig(tile_size=64))
+    write_tiff(slide, tissue_image(800, 800, seed=9), mpp=0.5, tiled=False)
+    with pytest.raises(SlideError, match="changed since tiling"):
+        extract_features(tmp_path / "s.zarr", tmp_path / "f.zarr", "resnet18_simclr", cfg=ExtractConfig(num_workers=0))
+
+
+def test_second_writer_is_refused(tiled, tmp_path):
+    d, _ = tiled
+    ts = read_tile_store(d / "s.zarr").tiles
+    w = FeatureStoreWriter(tmp_path / "f.zarr", ts, {m: 4 for m in ts}, {"encoder": "x"})
+    with pytest.raises(StoreBusy, match="another process"):
+        FeatureStoreWriter(tmp_path / "f.zarr", ts, {m: 4 for m in ts}, {"encoder": "x"})
+    w.close()
+    FeatureStoreWriter(tmp_path / "f.zarr", ts, {m: 4 for m in ts}, {"encoder": "x"}).close()
+
+
+def test_cli_extract_record_failure(tmp_path):
+    from pipeline.store import write_failed_store
+
+    write_failed_store(tmp_path / "t.zarr", "tiles", "bad", "bad.svs: cannot open")
+    cmd = [sys.executable, "-m", "pipeline", "extract", str(tmp_path / "t.zarr"), "--encoder", "resnet18_simclr",
+           "--out", str(tmp_path / "f.zarr")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "bad.svs: cannot open" in r.stderr
+    r = subprocess.run(cmd + ["--record-failure"], capture_output=True, text=True)
+    assert r.returncode == 0 and store_status(tmp_path / "f.zarr") == "failed"
