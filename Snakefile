@@ -13,6 +13,8 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/tiling.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/training.smk"
 
 
 rule all:
@@ -24,6 +26,16 @@ rule all:
 rule tiles:
     input:
         get_tile_outputs,
+
+
+rule features:
+    input:
+        get_feature_stores,
+
+
+rule train:
+    input:
+        get_training_outputs,
 
 
 rule tiles_summary:

@@ -102,6 +102,145 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _features_arg(values: list[str]) -> dict[str, Path]:
+    out = {}
+    for v in values:
+        mag, _, d = v.partition("=")
+        if not d:
+            raise SheetError(f"--features expects MAG=DIR, got {v!r}")
+        out[mag] = Path(d)
+    return out
+
+
+def _cohort_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sheet", required=True, help="slide sheet (TSV)")
+    p.add_argument("--splits", required=True, help="splits table made by `splits`")
+    p.add_argument("--fold", required=True, help="fold column, e.g. fold_0")
+    p.add_argument("--features", action="append", required=True, metavar="MAG=DIR",
+                   help="feature store folder per magnification (repeat), e.g. 20x=results/c/features/uni")
+    p.add_argument("--out", required=True, help="output folder of this model and fold")
+
+
+def _splits_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sheet", required=True, help="slide sheet (TSV)")
+    p.add_argument("--out", required=True, help="splits table to write (TSV)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("splits", _splits_args)
+def _splits(args: argparse.Namespace) -> int:
+    """Patient-level stratified folds (or the sheet's split column), written once."""
+    from pipeline.sheet import read_sheet
+    from pipeline.splits import write_splits
+
+    df = write_splits(read_sheet(args.sheet, check_files=False), args.out, args.folds, args.val_fraction, args.seed)
+    logging.info("%d slides, %d folds -> %s", len(df), sum(c.startswith("fold_") for c in df.columns), args.out)
+    return 0
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _cohort_args(p)
+    p.add_argument("--model", required=True, help="model name (pipeline.models.MODEL_NAMES)")
+    p.add_argument("--config", default=None, help="config.yaml (its `training:` block)")
+    p.add_argument("--training", default=None, help="training options as JSON (override --config)")
+
+
+@command("train", _train_args)
+def _train(args: argparse.Namespace) -> int:
+    """Train one model on one fold, early-stopped on validation AUC."""
+    from pipeline.bags import cohort_cache, feature_fingerprints
+    from pipeline.config import load_config
+    from pipeline.splits import read_splits
+    from pipeline.store import read_attrs
+    from pipeline.train import TrainConfig, train_fold
+
+    block = json.loads(args.training) if args.training else load_config(args.config).get("training")
+    cfg = TrainConfig.from_dict(block)
+    feature_dirs = _features_arg(args.features)
+    cache, classes = cohort_cache(args.sheet, feature_dirs, cfg.model.get("n_groups", 30))
+    splits = read_splits(args.splits)
+    part = dict(zip(splits["slide_id"], splits[args.fold]))
+    train_ids = cache.usable([s for s, v in part.items() if v == "train"])
+    val_ids = cache.usable([s for s, v in part.items() if v == "val"])
+    if not train_ids:
+        raise SheetError(f"{args.fold}: no usable training slides")
+    provenance = {
+        "fold": args.fold,
+        "features": {m: str(d) for m, d in feature_dirs.items()},
+        "encoders": {m: read_attrs(cache.stores[train_ids[0]][m]).get("encoder") for m in feature_dirs},
+        "store_fingerprints": {s: feature_fingerprints(cache.stores[s]) for s in train_ids + val_ids},
+        "train_ids": train_ids,
+        "val_ids": val_ids,
+    }
+    ckpt = train_fold(args.model, cache, train_ids, val_ids, classes, list(feature_dirs), cfg, args.out, provenance)
+    logging.info("%s %s: best epoch %d -> %s", args.model, args.fold, ckpt["best_epoch"], args.out)
+    return 0
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    _cohort_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt made by `train`")
+
+
+@command("evaluate", _evaluate_args)
+def _evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on its fold's test slides: predictions.csv, metrics.json."""
+    import torch
+
+    from pipeline.bags import cohort_cache
+    from pipeline.splits import read_splits
+    from pipeline.train import evaluate_fold
+
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    cache, classes = cohort_cache(args.sheet, _features_arg(args.features), ckpt["model_config"]["n_groups"])
+    if classes != ckpt["classes"]:
+        raise SheetError(f"classes in the sheet {classes} differ from the checkpoint's {ckpt['classes']}")
+    splits = read_splits(args.splits)
+    test_ids = cache.usable([s for s, v in zip(splits["slide_id"], splits[args.fold]) if v == "test"])
+    m = evaluate_fold(ckpt, cache, test_ids, args.out)
+    logging.info("%s %s: AUC %.4f, acc %.4f on %d test slides", ckpt["model_name"], args.fold, m["auc"], m["acc"], len(test_ids))
+    return 0
+
+
+def _metrics_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("metrics", nargs="+", help="metrics.json files (<model>/<fold>/metrics.json)")
+    p.add_argument("--out", required=True, help="summary table (TSV): mean ± std and paired t-tests")
+    p.add_argument("--per-fold", default=None, help="per-fold table (TSV)")
+    p.add_argument("--reference", default="m2otca", help="model the t-tests compare against")
+
+
+@command("summarize-metrics", _metrics_args)
+def _summarize_metrics(args: argparse.Namespace) -> int:
+    """Mean ± std over folds per model, with paired t-tests against the reference."""
+    from pipeline.metrics import summarize
+
+    per_fold, table = summarize(args.metrics, args.reference)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out, sep="\t", index=False)
+    if args.per_fold:
+        per_fold.to_csv(args.per_fold, sep="\t", index=False)
+    cols = ["model", "auc", "acc", "balanced_acc", "f1"] + [c for c in table.columns if c.startswith("p_")]
+    print(table[cols].to_string(index=False))
+    return 0
+
+
+def _roc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("predictions", nargs="+", help="predictions.csv files of one model (one per fold)")
+    p.add_argument("--out", required=True, help="PNG")
+    p.add_argument("--title", default="")
+
+
+@command("plot-roc", _roc_args)
+def _plot_roc(args: argparse.Namespace) -> int:
+    """ROC curves of one model, one curve per fold."""
+    from pipeline.metrics import plot_roc
+
+    plot_roc(args.predictions, args.out, args.title)
+    return 0
+
+
 def _summary_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", help="tile or feature stores")
     p.add_argument("--out", required=True, help="per-slide table (TSV)")

@@ -80,5 +80,97 @@ def get_tile_outputs(wildcards=None):
     )
 
 
+def encoder_dir(name):
+    """Folder name of an encoder's feature stores (`timm:x` -> `timm-x`)."""
+    return name.replace(":", "-")
+
+
+ENCODERS = {encoder_dir(n): n for n in config["features"]["encoders"].values()}
+
+
+wildcard_constraints:
+    encoder="|".join(ENCODERS) or "none",
+
+
+@functools.cache
+def weights_sha256(path):
+    from pipeline.encoders import weights_sha256 as sha
+
+    return sha(path) if path else "random-init"
+
+
+def get_weights(wildcards):
+    return config["features"]["weights"].get(ENCODERS[wildcards.encoder]) or ""
+
+
+def get_weights_arg(wildcards):
+    w = get_weights(wildcards)
+    return f"--weights {w}" if w else ""
+
+
+def get_weights_sha(wildcards):
+    return weights_sha256(get_weights(wildcards))
+
+
+def get_encoder_mags(wildcards):
+    """Magnifications this encoder serves (an encoder per magnification is allowed)."""
+    name = ENCODERS[wildcards.encoder]
+    return ",".join(m for m, e in config["features"]["encoders"].items() if e == name)
+
+
+def get_feature_stores(wildcards=None):
+    return expand(
+        f"{RESULTS}/features/{{encoder}}/{{slide}}.zarr",
+        encoder=list(ENCODERS),
+        slide=get_sheet().index,
+    )
+
+
 def get_final_output(wildcards=None):
-    return get_tile_outputs() + [f"{RESULTS}/tiles/summary.tsv"]
+    return (
+        get_tile_outputs()
+        + [f"{RESULTS}/tiles/summary.tsv"]
+        + get_feature_stores()
+        + get_training_outputs()
+    )
+
+
+def get_fold_names(wildcards=None):
+    return [f"fold_{i}" for i in range(config["splits"]["folds"])]
+
+
+def get_sheet_path(wildcards=None):
+    return config["slides"]
+
+
+def feature_args(wildcards=None):
+    """`--features MAG=DIR` for every magnification, from the encoder serving it."""
+    return " ".join(
+        f"--features {mag}={RESULTS}/features/{encoder_dir(enc)}"
+        for mag, enc in config["features"]["encoders"].items()
+    )
+
+
+def training_json():
+    return json.dumps(config["training"])
+
+
+def get_metric_files(wildcards=None):
+    return expand(
+        f"{RESULTS}/models/{{model}}/{{fold}}/metrics.json",
+        model=config["models"],
+        fold=get_fold_names(),
+    )
+
+
+def get_model_predictions(wildcards):
+    return expand(
+        f"{RESULTS}/models/{wildcards.model}/{{fold}}/predictions.csv",
+        fold=get_fold_names(),
+    )
+
+
+def get_training_outputs(wildcards=None):
+    return [f"{RESULTS}/metrics/summary.tsv"] + expand(
+        f"{RESULTS}/metrics/roc_{{model}}.png", model=config["models"]
+    )

@@ -1,0 +1,117 @@
+"""Slides as multi-magnification bags: features read once from the feature stores (RAM cache),
+grouped for M2OTCA, padded into mini-batches with masks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import SlideError
+from pipeline.models.grouping import assign_groups
+from pipeline.store import read_attrs, read_feature_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Bag:
+    slide_id: str
+    label: int
+    feats: dict[str, torch.Tensor]  # mag -> (N_t, D_t) float16
+    group: dict[str, torch.Tensor]  # mag -> (N_t,) long
+    coords: dict[str, np.ndarray]  # mag -> (N_t, 2) level-0 x, y (for heatmaps)
+    fingerprints: dict[str, str]  # mag -> tiles_sha256 of the store it came from
+
+
+def load_bag(slide_id: str, stores: dict[str, Path], label: int, n_groups: int) -> Bag:
+    """One slide's features at every magnification; failed tiles are dropped (masked)."""
+    feats, coords, regions, fps = {}, {}, {}, {}
+    by_store: dict[Path, list[str]] = {}
+    for mag, p in stores.items():
+        by_store.setdefault(Path(p), []).append(mag)
+    for p, mags in by_store.items():
+        attrs, sets = read_feature_store(p, mags)
+        for mag in mags:
+            s = sets[mag]
+            keep = ~s.failed
+            feats[mag] = torch.from_numpy(np.ascontiguousarray(s.features[keep]))
+            coords[mag] = s.coords[keep]
+            regions[mag] = torch.from_numpy(s.region[keep].astype(np.int64))
+            fps[mag] = attrs["tiles_sha256"]
+    ref = next(iter(stores))
+    if sum(len(f) for f in feats.values()) == 0:
+        raise SlideError(slide_id, "no tiles with tissue at any magnification")
+    group = assign_groups(regions[ref], regions, n_groups)
+    return Bag(slide_id, label, feats, group, coords, fps)
+
+
+class BagCache:
+    """Bags of a cohort, loaded lazily and kept in RAM (features stay float16)."""
+
+    def __init__(self, stores: dict[str, dict[str, Path]], labels: dict[str, int], n_groups: int):
+        self.stores, self.labels, self.n_groups = stores, labels, n_groups
+        self._bags: dict[str, Bag] = {}
+
+    def usable(self, slide_ids: list[str]) -> list[str]:
+        """Slides whose feature stores are all finished and not failed (others are logged)."""
+        ok = []
+        for sid in slide_ids:
+            bad = [str(p) for p in self.stores[sid].values() if _status(p) != "ok"]
+            if bad:
+                log.warning("%s: left out, feature store failed or missing: %s", sid, bad[0])
+            else:
+                ok.append(sid)
+        return ok
+
+    def __getitem__(self, slide_id: str) -> Bag:
+        if slide_id not in self._bags:
+            self._bags[slide_id] = load_bag(slide_id, self.stores[slide_id], self.labels[slide_id], self.n_groups)
+        return self._bags[slide_id]
+
+    def dims(self, slide_id: str) -> dict[str, int]:
+        return {m: int(f.shape[1]) for m, f in self[slide_id].feats.items()}
+
+
+def _status(p: Path) -> str:
+    from pipeline.store import store_status
+
+    return store_status(p)
+
+
+def collate(bags: list[Bag], mags: list[str]) -> tuple[dict, torch.Tensor]:
+    """Pad bags to the longest per magnification: feats (B, N, D) float32, mask (B, N), group (B, N)."""
+    feats, mask, group = {}, {}, {}
+    for m in mags:
+        n = max(1, max(len(b.feats[m]) for b in bags))
+        d = bags[0].feats[m].shape[1]
+        f = torch.zeros(len(bags), n, d)  # (B, N, D)
+        k = torch.zeros(len(bags), n, dtype=torch.bool)  # (B, N)
+        g = torch.full((len(bags), n), -1, dtype=torch.long)  # (B, N)
+        for i, b in enumerate(bags):
+            L = len(b.feats[m])
+            f[i, :L] = b.feats[m].float()
+            k[i, :L] = True
+            g[i, :L] = b.group[m]
+        feats[m], mask[m], group[m] = f, k, g
+    labels = torch.tensor([b.label for b in bags], dtype=torch.long)
+    return {"feats": feats, "mask": mask, "group": group}, labels
+
+
+def feature_fingerprints(stores: dict[str, Path]) -> dict[str, str]:
+    """The tile fingerprints recorded by a slide's feature stores (for checkpoints)."""
+    return {m: read_attrs(p).get("tiles_sha256", "") for m, p in stores.items()}
+
+
+def cohort_cache(sheet: str | Path, feature_dirs: dict[str, Path], n_groups: int) -> tuple[BagCache, list[str]]:
+    """A BagCache over every slide of the sheet, and the class names (sorted labels)."""
+    from pipeline.sheet import read_sheet
+
+    rows = read_sheet(sheet, check_files=False)
+    classes = sorted({r.label for r in rows})
+    stores = {r.slide_id: {m: Path(d) / f"{r.slide_id}.zarr" for m, d in feature_dirs.items()} for r in rows}
+    labels = {r.slide_id: classes.index(r.label) for r in rows}
+    return BagCache(stores, labels, n_groups), classes

@@ -1,0 +1,176 @@
+"""Training and evaluation of one MIL model on one fold.
+
+Adam with weight decay, mini-batches of several slides (padded, masked), early stopping on
+validation AUC with the best checkpoint kept. Everything that decides the result (resolved
+config, seed, encoders, package version, store fingerprints) travels with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from pipeline import __version__
+from pipeline.bags import BagCache, collate
+from pipeline.errors import SheetError
+from pipeline.metrics import classification_metrics
+from pipeline.models import ModelConfig, create_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40  # maximum epochs
+    patience: int = 10  # stop after this many epochs without a better validation AUC
+    min_epochs: int = 5  # never stop before this many epochs
+    lr: float = 2e-4  # Adam learning rate
+    weight_decay: float = 1e-4  # Adam (L2) weight decay
+    batch_size: int = 4  # slides per step (padded, masked)
+    seed: int = 0  # seeds python, numpy and torch
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> TrainConfig:
+        d = {k: v for k, v in (d or {}).items() if v is not None}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SheetError(f"training: unknown option(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _batches(ids: list[str], batch_size: int, rng: np.random.Generator | None) -> list[list[str]]:
+    order = list(ids) if rng is None else [ids[i] for i in rng.permutation(len(ids))]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def predict(model: torch.nn.Module, cache: BagCache, ids: list[str], mags: list[str], batch_size: int) -> dict[str, Any]:
+    """Class probabilities, branch logits and tile attention for `ids` (model in eval mode)."""
+    model.eval()
+    probs, branch, attn = [], {}, {}
+    for chunk in _batches(ids, batch_size, None):
+        bags = [cache[s] for s in chunk]
+        batch, _ = collate(bags, mags)
+        with torch.inference_mode():
+            out = model(batch)
+        probs.append(torch.softmax(out["logits"].float(), -1).numpy())
+        for t, v in (out.get("branch_logits") or {}).items():
+            branch.setdefault(t, []).append(v.float().numpy())
+        for t, a in (out.get("tile_attention") or {}).items():
+            for i, b in enumerate(bags):
+                attn.setdefault(b.slide_id, {})[t] = a[i, : len(b.feats[t])].float().numpy()
+    return {
+        "prob": np.concatenate(probs) if probs else np.zeros((0, 0)),
+        "branch_logits": {t: np.concatenate(v) for t, v in branch.items()},
+        "tile_attention": attn,
+    }
+
+
+def train_fold(model_name: str, cache: BagCache, train_ids: list[str], val_ids: list[str], classes: list[str],
+               mags: list[str], cfg: TrainConfig, out_dir: str | Path, provenance: dict[str, Any]) -> dict[str, Any]:
+    """Train with early stopping on validation AUC; writes `checkpoint.pt` and `history.tsv`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    mcfg = ModelConfig.from_dict(cfg.model)
+    dims = cache.dims(train_ids[0])
+    model = create_model(model_name, {m: dims[m] for m in mags}, len(classes), mcfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    y_val = np.array([cache[s].label for s in val_ids])
+    best = (-np.inf, np.inf)  # (val AUC, val loss): higher AUC, then lower loss
+    best_state, best_epoch, history, stale = None, -1, [], 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        losses = []
+        for chunk in _batches(train_ids, cfg.batch_size, rng):
+            batch, labels = collate([cache[s] for s in chunk], mags)
+            out = model(batch, labels=labels)
+            loss = F.cross_entropy(out["logits"], labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        val = predict(model, cache, val_ids, mags, cfg.batch_size) if val_ids else None
+        if val is not None and len(val_ids):
+            m = classification_metrics(y_val, val["prob"], classes)
+            val_loss = float(F.nll_loss(torch.log(torch.from_numpy(val["prob"]).clamp_min(1e-8)), torch.from_numpy(y_val)))
+            score = (m["auc"] if np.isfinite(m["auc"]) else 0.5, val_loss)
+        else:
+            m, val_loss, score = {"auc": float("nan")}, float("nan"), (0.0, float(np.mean(losses)))
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_auc": m["auc"]})
+        log.info("%s epoch %d: train loss %.4f, val loss %.4f, val AUC %.4f", model_name, epoch,
+                 history[-1]["train_loss"], val_loss, m["auc"])
+        if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
+            best, best_state, best_epoch, stale = score, copy.deepcopy(model.state_dict()), epoch, 0
+        else:
+            stale += 1
+            if stale >= cfg.patience and epoch + 1 >= cfg.min_epochs:
+                break
+    pd.DataFrame(history).to_csv(out_dir / "history.tsv", sep="\t", index=False)
+    ckpt = {
+        "model_name": model_name,
+        "state_dict": best_state,
+        "best_epoch": best_epoch,
+        "classes": classes,
+        "mags": mags,
+        "in_dims": {m: dims[m] for m in mags},
+        "train_config": dataclasses.asdict(cfg),
+        "model_config": dataclasses.asdict(mcfg),
+        "seed": cfg.seed,
+        "package_version": __version__,
+        **provenance,
+    }
+    tmp = out_dir / "checkpoint.pt.tmp"
+    torch.save(ckpt, tmp)
+    tmp.replace(out_dir / "checkpoint.pt")
+    return ckpt
+
+
+def load_model(ckpt: dict[str, Any]) -> torch.nn.Module:
+    model = create_model(ckpt["model_name"], ckpt["in_dims"], len(ckpt["classes"]), ModelConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def evaluate_fold(ckpt: dict[str, Any], cache: BagCache, test_ids: list[str], out_dir: str | Path) -> dict[str, Any]:
+    """Predictions (per-slide probabilities and branch logits), metrics and ROC data on `test_ids`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(ckpt)
+    classes, mags = ckpt["classes"], ckpt["mags"]
+    res = predict(model, cache, test_ids, mags, 8)
+    y = np.array([cache[s].label for s in test_ids])
+    pred = pd.DataFrame({"slide_id": test_ids, "label": [classes[i] for i in y]})
+    for c, name in enumerate(classes):
+        pred[f"prob_{name}"] = res["prob"][:, c] if len(test_ids) else []
+    for t, v in res["branch_logits"].items():
+        for c, name in enumerate(classes):
+            pred[f"logit_{t}_{name}"] = v[:, c]
+    metrics = classification_metrics(y, res["prob"], classes)
+    metrics.update({"model": ckpt["model_name"], "n_test": len(test_ids), "best_epoch": ckpt["best_epoch"]})
+    pred.to_csv(out_dir / "predictions.csv", index=False)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    np.savez_compressed(out_dir / "attention.npz", **{f"{s}|{t}": a for s, d in res["tile_attention"].items() for t, a in d.items()})
+    return metrics

@@ -1,0 +1,32 @@
+rule extract_features:
+    input:
+        store=f"{RESULTS}/tiles/{{slide}}.zarr",
+        slide=get_slide_path,
+    output:
+        store=directory(f"{RESULTS}/features/{{encoder}}/{{slide}}.zarr"),
+    params:
+        encoder=lookup(dpath="{encoder}", within=ENCODERS),
+        weights=get_weights_arg,
+        weights_sha256=get_weights_sha,
+        mags=get_encoder_mags,
+        mpp=get_mpp_arg,
+        batch_size=config["features"]["batch_size"],
+        on_tile_error=config["features"]["on_tile_error"],
+        compile="--compile" if config["features"]["compile"] else "",
+        version=PIPELINE_VERSION,
+    conda:
+        "../../envs/features.yaml"
+    log:
+        f"{LOGS}/extract_features/{{encoder}}/{{slide}}.log",
+    benchmark:
+        f"{BENCH}/extract_features/{{encoder}}/{{slide}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=1,
+    shell:
+        "python -m pipeline extract {input.store:q} --slide {input.slide:q} "
+        "--encoder {params.encoder} {params.weights} --out {output.store:q} --mags {params.mags} "
+        "{params.mpp} --batch-size {params.batch_size} --workers {threads} "
+        "--on-tile-error {params.on_tile_error} {params.compile} --record-failure > {log} 2>&1"

@@ -1,0 +1,121 @@
+rule make_splits:
+    input:
+        sheet=get_sheet_path,
+    output:
+        f"{RESULTS}/splits/splits.tsv",
+    params:
+        folds=config["splits"]["folds"],
+        val_fraction=config["splits"]["val_fraction"],
+        seed=config["splits"]["seed"],
+    conda:
+        "../../envs/training.yaml"
+    log:
+        f"{LOGS}/make_splits.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m pipeline splits --sheet {input.sheet:q} --out {output:q} --folds {params.folds} "
+        "--val-fraction {params.val_fraction} --seed {params.seed} > {log} 2>&1"
+
+
+rule train_mil:
+    input:
+        sheet=get_sheet_path,
+        splits=f"{RESULTS}/splits/splits.tsv",
+        features=get_feature_stores,
+    output:
+        checkpoint=f"{RESULTS}/models/{{model}}/{{fold}}/checkpoint.pt",
+        history=f"{RESULTS}/models/{{model}}/{{fold}}/history.tsv",
+    params:
+        features=feature_args(),
+        training=training_json(),
+        version=PIPELINE_VERSION,
+    conda:
+        "../../envs/training.yaml"
+    log:
+        f"{LOGS}/train_mil/{{model}}/{{fold}}.log",
+    benchmark:
+        f"{BENCH}/train_mil/{{model}}/{{fold}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=0,
+    shell:
+        "OMP_NUM_THREADS={threads} python -m pipeline train --sheet {input.sheet:q} --splits {input.splits:q} "
+        "--fold {wildcards.fold} {params.features} --model {wildcards.model} "
+        "--training '{params.training}' --out $(dirname {output.checkpoint:q}) > {log} 2>&1"
+
+
+rule evaluate_mil:
+    input:
+        sheet=get_sheet_path,
+        splits=f"{RESULTS}/splits/splits.tsv",
+        checkpoint=f"{RESULTS}/models/{{model}}/{{fold}}/checkpoint.pt",
+    output:
+        metrics=f"{RESULTS}/models/{{model}}/{{fold}}/metrics.json",
+        predictions=f"{RESULTS}/models/{{model}}/{{fold}}/predictions.csv",
+        attention=f"{RESULTS}/models/{{model}}/{{fold}}/attention.npz",
+    params:
+        features=feature_args(),
+    conda:
+        "../../envs/training.yaml"
+    log:
+        f"{LOGS}/evaluate_mil/{{model}}/{{fold}}.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "OMP_NUM_THREADS={threads} python -m pipeline evaluate --sheet {input.sheet:q} --splits {input.splits:q} "
+        "--fold {wildcards.fold} {params.features} --checkpoint {input.checkpoint:q} "
+        "--out $(dirname {output.metrics:q}) > {log} 2>&1"
+
+
+rule plot_roc:
+    input:
+        get_model_predictions,
+    output:
+        report(
+            f"{RESULTS}/metrics/roc_{{model}}.png",
+            caption="../report/roc.rst",
+            category="ROC curves",
+            labels={"model": "{model}"},
+        ),
+    conda:
+        "../../envs/training.yaml"
+    log:
+        f"{LOGS}/plot_roc/{{model}}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m pipeline plot-roc {input:q} --out {output:q} --title {wildcards.model} > {log} 2>&1"
+
+
+rule summarize_metrics:
+    input:
+        get_metric_files,
+    output:
+        table=report(
+            f"{RESULTS}/metrics/summary.tsv",
+            caption="../report/metrics.rst",
+            category="Metrics",
+        ),
+        per_fold=f"{RESULTS}/metrics/per_fold.tsv",
+    params:
+        reference=config["reference_model"],
+    conda:
+        "../../envs/training.yaml"
+    log:
+        f"{LOGS}/summarize_metrics.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m pipeline summarize-metrics {input:q} --out {output.table:q} "
+        "--per-fold {output.per_fold:q} --reference {params.reference} > {log} 2>&1"
