@@ -68,6 +68,13 @@ def collate(items):
     return imgs, [err for _, err in items]
 
 
+def make_loader(ds: TileDataset, cfg: ExtractConfig, device: torch.device) -> DataLoader:
+    """The DataLoader the extractor iterates (also used by bench/extract.py for decode-only)."""
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+                      collate_fn=collate, pin_memory=device.type == "cuda",
+                      persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,9 +181,7 @@ def _extract_mag(writer: FeatureStoreWriter, mag: str, slide_path: str, base_mpp
     if start >= n:
         return 0
     ds = TileDataset(slide_path, base_mpp, coords[start:], tile_mpp, size)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+    loader = make_loader(ds, cfg, device)
     feats: list[np.ndarray] = []
     failed: list[np.ndarray] = []
     row = start

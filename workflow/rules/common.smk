@@ -11,7 +11,9 @@ from pipeline.sheet import read_sheet
 
 validate(config, schema="../schemas/config.schema.yaml")
 
-SHEET_SCHEMA = str(Path(workflow.basedir) / "workflow" / "schemas" / "slides.schema.yaml")
+SHEET_SCHEMA = str(
+    Path(workflow.basedir) / "workflow" / "schemas" / "slides.schema.yaml"
+)
 COHORT = config["cohort"]
 RESULTS = f"results/{COHORT}"
 LOGS = f"logs/{COHORT}"

@@ -4,6 +4,17 @@ rule extract_features:
         slide=get_slide_path,
     output:
         store=directory(f"{RESULTS}/features/{{encoder}}/{{slide}}.zarr"),
+    log:
+        f"{LOGS}/extract_features/{{encoder}}/{{slide}}.log",
+    benchmark:
+        f"{BENCH}/extract_features/{{encoder}}/{{slide}}.tsv"
+    conda:
+        "../../envs/features.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=1,
     params:
         encoder=lookup(dpath="{encoder}", within=ENCODERS),
         weights=get_weights_arg,
@@ -14,17 +25,6 @@ rule extract_features:
         on_tile_error=config["features"]["on_tile_error"],
         compile="--compile" if config["features"]["compile"] else "",
         version=PIPELINE_VERSION,
-    conda:
-        "../../envs/features.yaml"
-    log:
-        f"{LOGS}/extract_features/{{encoder}}/{{slide}}.log",
-    benchmark:
-        f"{BENCH}/extract_features/{{encoder}}/{{slide}}.tsv"
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=120,
-        gpu=1,
     shell:
         "python -m pipeline extract {input.store:q} --slide {input.slide:q} "
         "--encoder {params.encoder} {params.weights} --out {output.store:q} --mags {params.mags} "

@@ -3,18 +3,18 @@ rule make_splits:
         sheet=get_sheet_path,
     output:
         f"{RESULTS}/splits/splits.tsv",
-    params:
-        folds=config["splits"]["folds"],
-        val_fraction=config["splits"]["val_fraction"],
-        seed=config["splits"]["seed"],
-    conda:
-        "../../envs/training.yaml"
     log:
         f"{LOGS}/make_splits.log",
+    conda:
+        "../../envs/training.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        folds=config["splits"]["folds"],
+        val_fraction=config["splits"]["val_fraction"],
+        seed=config["splits"]["seed"],
     shell:
         "python -m pipeline splits --sheet {input.sheet:q} --out {output:q} --folds {params.folds} "
         "--val-fraction {params.val_fraction} --seed {params.seed} > {log} 2>&1"
@@ -28,21 +28,21 @@ rule train_mil:
     output:
         checkpoint=f"{RESULTS}/models/{{model}}/{{fold}}/checkpoint.pt",
         history=f"{RESULTS}/models/{{model}}/{{fold}}/history.tsv",
-    params:
-        features=feature_args(),
-        training=training_json(),
-        version=PIPELINE_VERSION,
-    conda:
-        "../../envs/training.yaml"
     log:
         f"{LOGS}/train_mil/{{model}}/{{fold}}.log",
     benchmark:
         f"{BENCH}/train_mil/{{model}}/{{fold}}.tsv"
+    conda:
+        "../../envs/training.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=240,
         gpu=0,
+    params:
+        features=feature_args(),
+        training=training_json(),
+        version=PIPELINE_VERSION,
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline train --sheet {input.sheet:q} --splits {input.splits:q} "
         "--fold {wildcards.fold} {params.features} --model {wildcards.model} "
@@ -58,16 +58,16 @@ rule evaluate_mil:
         metrics=f"{RESULTS}/models/{{model}}/{{fold}}/metrics.json",
         predictions=f"{RESULTS}/models/{{model}}/{{fold}}/predictions.csv",
         attention=f"{RESULTS}/models/{{model}}/{{fold}}/attention.npz",
-    params:
-        features=feature_args(),
-    conda:
-        "../../envs/training.yaml"
     log:
         f"{LOGS}/evaluate_mil/{{model}}/{{fold}}.log",
+    conda:
+        "../../envs/training.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=60,
+    params:
+        features=feature_args(),
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline evaluate --sheet {input.sheet:q} --splits {input.splits:q} "
         "--fold {wildcards.fold} {params.features} --checkpoint {input.checkpoint:q} "
@@ -84,10 +84,10 @@ rule plot_roc:
             category="ROC curves",
             labels={"model": "{model}"},
         ),
-    conda:
-        "../../envs/training.yaml"
     log:
         f"{LOGS}/plot_roc/{{model}}.log",
+    conda:
+        "../../envs/training.yaml"
     threads: 1
     resources:
         mem_mb=1000,
@@ -106,16 +106,16 @@ rule summarize_metrics:
             category="Metrics",
         ),
         per_fold=f"{RESULTS}/metrics/per_fold.tsv",
-    params:
-        reference=config["reference_model"],
-    conda:
-        "../../envs/training.yaml"
     log:
         f"{LOGS}/summarize_metrics.log",
+    conda:
+        "../../envs/training.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        reference=config["reference_model"],
     shell:
         "python -m pipeline summarize-metrics {input:q} --out {output.table:q} "
         "--per-fold {output.per_fold:q} --reference {params.reference} > {log} 2>&1"
