@@ -15,6 +15,7 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/tiling.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/training.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

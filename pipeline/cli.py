@@ -241,6 +241,62 @@ def _plot_roc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _heatmap_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fold-dir", required=True, help="evaluation folder (attention.npz, predictions.csv)")
+    p.add_argument("--tiles-dir", required=True, help="folder of the tile stores")
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--slides", default="", help="comma-separated slide ids to draw (when in this fold)")
+    p.add_argument("--n", type=int, default=4, help="also draw up to N more test slides, balanced by label")
+
+
+@command("heatmaps", _heatmap_args)
+def _heatmaps(args: argparse.Namespace) -> int:
+    """Attention heatmaps (20x | 10x | 5x) of a model's test slides."""
+    import pandas as pd
+
+    from pipeline.heatmap import load_attention, render_heatmap
+    from pipeline.store import read_attrs
+
+    fold = Path(args.fold_dir)
+    attn = load_attention(fold / "attention.npz")
+    pred = pd.read_csv(fold / "predictions.csv").set_index("slide_id")
+    wanted = [s for s in args.slides.split(",") if s in attn]
+    queues = [[s for s in g.index if s in attn and s not in wanted] for _, g in pred.groupby("label")]
+    extra: list[str] = []
+    while len(extra) < args.n and any(queues):  # round-robin over labels
+        for q in queues:
+            if q and len(extra) < args.n:
+                extra.append(q.pop(0))
+    wanted += extra
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for sid in wanted:
+        a = read_attrs(Path(args.tiles_dir) / f"{sid}.zarr")
+        probs = ", ".join(f"P({c.removeprefix('prob_')})={pred.loc[sid, c]:.2f}" for c in pred.columns if c.startswith("prob_"))
+        render_heatmap(a["slide_path"], attn[sid], a["tile_px_level0"], Path(args.out) / f"{sid}.png",
+                       title=f"{sid}  label {pred.loc[sid, 'label']}  {probs}", mpp=a["base_mpp"])
+    logging.info("%d heatmaps -> %s", len(wanted), args.out)
+    return 0
+
+
+def _manifest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-json", required=True, help="the resolved workflow config as JSON")
+    p.add_argument("--sheet", required=True, help="slide sheet (TSV)")
+    p.add_argument("--repo", default=".", help="the workflow's git checkout")
+    p.add_argument("--weights-sha256", default="{}", help="JSON: encoder -> weights sha256")
+    p.add_argument("--out", required=True, help="manifest.json to write")
+
+
+@command("manifest", _manifest_args)
+def _manifest(args: argparse.Namespace) -> int:
+    """Write the run manifest (versions, hashes, commit, seeds)."""
+    from pipeline.manifest import build_manifest, write_manifest
+
+    m = build_manifest(json.loads(args.config_json), args.sheet, args.repo, json.loads(args.weights_sha256))
+    write_manifest(args.out, m)
+    logging.info("manifest: config %s, sheet %s, commit %s", m["config_sha256"][:12], m["sheet_sha256"][:12], m["git_commit"])
+    return 0
+
+
 def _summary_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", help="tile or feature stores")
     p.add_argument("--out", required=True, help="per-slide table (TSV)")
@@ -273,6 +329,22 @@ def _demo(args: argparse.Namespace) -> int:
     sheet = make_demo_cohort(Path(args.out), n_slides=args.n, seed=args.seed, scale=args.scale)
     logging.info("demo cohort sheet: %s", sheet)
     return 0
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="results folders (e.g. results/<cohort>) or tile/feature stores")
+
+
+@command("verify", _verify_args)
+def _verify(args: argparse.Namespace) -> int:
+    """Check every store against its layout and inputs; exit 1 when anything is stale or broken."""
+    from pipeline.verify import verify
+
+    report = verify(args.paths)
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,5 +40,6 @@ def write_summary(paths: list[str | Path], table: str | Path, failed: str | Path
     df.to_csv(table, sep="\t", index=False)
     if failed is not None:
         bad = df[df["status"] != "ok"][["slide_id", "stage", "error"]] if len(df) else df
+        bad = bad.drop_duplicates("slide_id", keep="first")  # the earliest stage that failed
         bad.to_csv(failed, sep="\t", index=False)
     return df

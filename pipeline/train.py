@@ -172,5 +172,10 @@ def evaluate_fold(ckpt: dict[str, Any], cache: BagCache, test_ids: list[str], ou
     metrics.update({"model": ckpt["model_name"], "n_test": len(test_ids), "best_epoch": ckpt["best_epoch"]})
     pred.to_csv(out_dir / "predictions.csv", index=False)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    np.savez_compressed(out_dir / "attention.npz", **{f"{s}|{t}": a for s, d in res["tile_attention"].items() for t, a in d.items()})
+    arrays = {}
+    for sid, per_mag in res["tile_attention"].items():
+        for t, a in per_mag.items():
+            arrays[f"{sid}|{t}|attention"] = a
+            arrays[f"{sid}|{t}|coords"] = cache[sid].coords[t]
+    np.savez_compressed(out_dir / "attention.npz", **arrays)
     return metrics

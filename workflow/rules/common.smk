@@ -134,6 +134,7 @@ def get_final_output(wildcards=None):
         + [f"{RESULTS}/tiles/summary.tsv"]
         + get_feature_stores()
         + get_training_outputs()
+        + [f"{RESULTS}/failed_slides.tsv", f"{RESULTS}/manifest.json"]
     )
 
 
@@ -172,7 +173,28 @@ def get_model_predictions(wildcards):
     )
 
 
+def get_all_weights_sha(wildcards=None):
+    return json.dumps(
+        {
+            name: weights_sha256(config["features"]["weights"].get(name) or "")
+            for name in ENCODERS.values()
+        }
+    )
+
+
+def get_heatmap_outputs(wildcards=None):
+    model = config["heatmaps"]["model"]
+    if (
+        model not in config["models"]
+        or config["heatmaps"]["n_auto"] + len(config["heatmaps"]["slides"]) == 0
+    ):
+        return []
+    return expand(f"{RESULTS}/heatmaps/{model}/{{fold}}", fold=get_fold_names())
+
+
 def get_training_outputs(wildcards=None):
-    return [f"{RESULTS}/metrics/summary.tsv"] + expand(
-        f"{RESULTS}/metrics/roc_{{model}}.png", model=config["models"]
+    return (
+        [f"{RESULTS}/metrics/summary.tsv"]
+        + expand(f"{RESULTS}/metrics/roc_{{model}}.png", model=config["models"])
+        + get_heatmap_outputs()
     )

@@ -39,7 +39,6 @@ rule summarize_tiles:
             caption="../report/tiles.rst",
             category="Slides",
         ),
-        failed=f"{RESULTS}/failed_slides.tsv",
     log:
         f"{LOGS}/summarize_tiles.log",
     conda:
@@ -49,5 +48,4 @@ rule summarize_tiles:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m pipeline summarize-tiles {input.stores:q} --out {output.table:q} "
-        "--failed {output.failed:q} > {log} 2>&1"
+        "python -m pipeline summarize-tiles {input.stores:q} --out {output.table:q} > {log} 2>&1"

@@ -1,0 +1,73 @@
+rule summarize_failures:
+    input:
+        tiles=get_tile_stores,
+        features=get_feature_stores,
+    output:
+        slides=f"{RESULTS}/slides.tsv",
+        failed=report(
+            f"{RESULTS}/failed_slides.tsv",
+            caption="../report/failed.rst",
+            category="Slides",
+        ),
+    log:
+        f"{LOGS}/summarize_failures.log",
+    conda:
+        "../../envs/tiling.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m pipeline summarize-tiles {input.tiles:q} {input.features:q} --out {output.slides:q} "
+        "--failed {output.failed:q} > {log} 2>&1"
+
+
+rule plot_heatmaps:
+    input:
+        attention=f"{RESULTS}/models/{{model}}/{{fold}}/attention.npz",
+        predictions=f"{RESULTS}/models/{{model}}/{{fold}}/predictions.csv",
+        tiles=get_tile_stores,
+    output:
+        report(
+            directory(f"{RESULTS}/heatmaps/{{model}}/{{fold}}"),
+            patterns=["{slide}.png"],
+            caption="../report/heatmap.rst",
+            category="Attention heatmaps",
+            labels={"model": "{model}", "fold": "{fold}", "slide": "{slide}"},
+        ),
+    log:
+        f"{LOGS}/plot_heatmaps/{{model}}/{{fold}}.log",
+    conda:
+        "../../envs/training.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    params:
+        slides=",".join(config["heatmaps"]["slides"]),
+        n=config["heatmaps"]["n_auto"],
+    shell:
+        "python -m pipeline heatmaps --fold-dir $(dirname {input.attention:q}) "
+        "--tiles-dir {RESULTS}/tiles --out {output:q} --slides '{params.slides}' --n {params.n} > {log} 2>&1"
+
+
+rule write_manifest:
+    input:
+        sheet=get_sheet_path,
+    output:
+        f"{RESULTS}/manifest.json",
+    log:
+        f"{LOGS}/write_manifest.log",
+    conda:
+        "../../envs/tiling.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        config=json.dumps(config),
+        weights=get_all_weights_sha,
+        repo=workflow.basedir,
+    shell:
+        "python -m pipeline manifest --config-json '{params.config}' --sheet {input.sheet:q} "
+        "--repo {params.repo:q} --weights-sha256 '{params.weights}' --out {output:q} > {log} 2>&1"
