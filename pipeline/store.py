@@ -20,9 +20,12 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -41,19 +44,30 @@ def _json_safe(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
+def _writer_tag() -> str:
+    """Host and pid of this writer, in the names of its temporary directories."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished store into place, replacing an older one without a window of absence."""
+    """Move a finished store into place, replacing an older one.
+
+    Between the two renames the final path is briefly absent (a reader sees "missing", never a
+    mixed store). Afterwards, temporary directories left by killed writers of this store on this
+    host are removed, so an interrupted run leaves no garbage once a rerun completes.
+    """
     if final.exists():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        trash = final.with_name(f".{final.name}.old-{_writer_tag()}")
         os.replace(final, trash)
         os.replace(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    _remove_dead_leftovers(final)
 
 
 def _tmp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    return final.with_name(f".{final.name}.tmp-{_writer_tag()}")
 
 
 def store_status(path: str | Path) -> str:
@@ -186,12 +200,19 @@ class FeatureStoreWriter:
         self.partial = self.final.with_name(self.final.name + ".partial")
         self.chunk_rows = chunk_rows
         self._lock_path = self.final.with_name(f".{self.final.name}.lock")
-        self._lock = open(self._lock_path, "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            self._lock = open(self._lock_path, "w")
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.close()
+                raise StoreBusy(f"another process is writing {self.final}") from None
+            try:  # the previous holder unlinks the file when done: make sure ours is still the one there
+                if os.stat(self._lock_path).st_ino == os.fstat(self._lock.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             self._lock.close()
-            raise StoreBusy(f"another process is writing {self.final}") from None
         meta = _json_safe({
             "layout_version": LAYOUT_VERSION, "kind": "features", "status": "ok",
             "magnifications": list(tiles), "n_tiles": {k: len(v) for k, v in tiles.items()},
@@ -209,7 +230,14 @@ class FeatureStoreWriter:
             done = json.loads(prog.read_text())
         except Exception:
             return None
-        return {k: int(v) for k, v in done.items()} if old == meta else None
+        if old != meta:
+            return None
+        # zarr writes each chunk to `<chunk>.<uuid>.partial` and renames it: a kill in between
+        # leaves that file behind, and it would travel into the finished store
+        for f in self.partial.rglob("*.partial"):
+            if re.fullmatch(r".*\.[0-9a-f]{32}\.partial", f.name) and f.is_file():
+                f.unlink()
+        return {k: int(v) for k, v in done.items()}
 
     def _create(self, tiles, dims, meta) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
@@ -273,3 +301,79 @@ def read_feature_store(path: str | Path, mags: list[str] | None = None) -> tuple
             failed=np.asarray(g["failed"][...]),
         )
     return attrs, out
+
+
+# --------------------------------------------------------------------------- read-only inspection (verify)
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    name: str  # "<mag>/<array>", e.g. "20x/coords"
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+
+
+def list_arrays(path: str | Path) -> dict[str, ArrayInfo]:
+    """Every array of a store by "<group>/<name>", with shape, dtype and chunk shape (metadata only)."""
+    root = zarr.open_group(str(path), mode="r")
+    out = {}
+    for name, node in root.members(max_depth=None):
+        if isinstance(node, zarr.Array):
+            out[name] = ArrayInfo(name, tuple(int(v) for v in node.shape), np.dtype(node.dtype),
+                                  tuple(int(v) for v in node.chunks))
+    return out
+
+
+def read_array(path: str | Path, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+    """Rows [start, stop) of the array `name` ("<mag>/<array>") of a store."""
+    arr = zarr.open_group(str(path), mode="r")[name]
+    return np.asarray(arr[start:stop]) if arr.ndim else np.asarray(arr[...])
+
+
+def iter_array_rows(path: str | Path, name: str) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) of the array `name`, one chunk of rows at a time (bounded memory)."""
+    arr = zarr.open_group(str(path), mode="r")[name]
+    step = max(1, int(arr.chunks[0]))
+    for start in range(0, int(arr.shape[0]), step):
+        yield start, np.asarray(arr[start : start + step])
+
+
+def leftover_target(path: str | Path) -> Path | None:
+    """The store a leftover directory of an interrupted writer belongs to; None if `path` is not one.
+
+    Leftovers: `<name>.partial` (resumable feature store), `.<name>.tmp-<host>-<pid>` (store being
+    built) and `.<name>.old-<host>-<pid>` (the previous store, moved aside while being replaced).
+    """
+    p = Path(path)
+    name = p.name
+    if name.endswith(".partial"):
+        return p.with_name(name.removesuffix(".partial"))
+    if name.startswith("."):
+        for marker in (".tmp-", ".old-"):
+            base, sep, tag = name[1:].rpartition(marker)
+            if sep and base and tag:
+                return p.with_name(base)
+    return None
+
+
+def _writer_alive(tag: str) -> bool:
+    host, _, pid = tag.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another host (or an unknown writer): assume alive, leave it alone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_leftovers(final: Path) -> None:
+    """Remove `.tmp-`/`.old-` directories of `final` whose writer process is gone."""
+    for marker in (".tmp-", ".old-"):
+        for p in final.parent.glob(f".{final.name}{marker}*"):
+            tag = p.name[len(final.name) + 1 + len(marker):]
+            if p.is_dir() and not _writer_alive(tag):
+                shutil.rmtree(p, ignore_errors=True)

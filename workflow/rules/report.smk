@@ -46,9 +46,10 @@ rule plot_heatmaps:
     params:
         slides=",".join(config["heatmaps"]["slides"]),
         n=config["heatmaps"]["n_auto"],
+        tiles_dir=f"{RESULTS}/tiles",
     shell:
         "python -m pipeline heatmaps --fold-dir $(dirname {input.attention:q}) "
-        "--tiles-dir {RESULTS}/tiles --out {output:q} --slides '{params.slides}' --n {params.n} > {log} 2>&1"
+        "--tiles-dir {params.tiles_dir:q} --out {output:q} --slides '{params.slides}' --n {params.n} > {log} 2>&1"
 
 
 rule write_manifest:
