@@ -42,7 +42,7 @@ def load_bag(slide_id: str, stores: dict[str, Path], label: int, n_groups: int) 
             coords[mag] = s.coords[keep]
             regions[mag] = torch.from_numpy(s.region[keep].astype(np.int64))
             fps[mag] = attrs["tiles_sha256"]
-    ref = next(iter(stores))
+    ref = max(stores, key=lambda m: float(m.rstrip("xX")))  # the finest magnification defines the groups
     if sum(len(f) for f in feats.values()) == 0:
         raise SlideError(slide_id, "no tiles with tissue at any magnification")
     group = assign_groups(regions[ref], regions, n_groups)

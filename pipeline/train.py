@@ -107,7 +107,7 @@ def train_fold(model_name: str, cache: BagCache, train_ids: list[str], val_ids: 
         for chunk in _batches(train_ids, cfg.batch_size, rng):
             batch, labels = collate([cache[s] for s in chunk], mags)
             out = model(batch, labels=labels)
-            loss = F.cross_entropy(out["logits"], labels)
+            loss = F.cross_entropy(out["logits"], labels) + out.get("aux_loss", 0.0)  # CLAM's instance loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

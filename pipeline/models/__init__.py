@@ -1,0 +1,78 @@
+"""MIL models for multi-magnification WSI classification (imports only torch).
+
+``create_model(name, in_dims, n_classes, cfg)`` builds any model of ``MODEL_NAMES``:
+
+- ``m2otca``: full M2OTCA (OT + gradient cross-attention);
+- ``m2otca_a``: ablation M_A, no cross-attention;
+- ``m2otca_b``: ablation M_B, gradient cross-attention only;
+- ``m2otca_c``: ablation M_C, OT cross-attention only;
+- ``abmil_20x`` / ``abmil_10x`` / ``abmil_5x``: gated-attention ABMIL on one magnification;
+- ``abmil_3``: one ABMIL per magnification, linear layer over the concatenated logits;
+- ``clam_sb_3``: one CLAM-SB per magnification, same fusion.
+
+Every model takes ``forward(batch, labels=None)`` with ``batch["feats"][t]`` (B, N_t, D_t),
+``batch["mask"][t]`` (B, N_t) bool and ``batch["group"][t]`` (B, N_t) long (-1 = padding),
+and returns a dict with ``logits`` (B, C), ``branch_logits``, ``tile_attention`` and
+``proto_attention`` (dicts keyed by magnification). Models with an auxiliary training loss
+(``clam_sb_3``, in training mode with ``labels``) also return ``aux_loss``, a scalar to ADD to
+the cross-entropy on ``logits``; the others never return it, so a trainer can always use
+``loss = cross_entropy(out["logits"], labels) + out.get("aux_loss", 0)``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .abmil import ABMIL, ABMIL3, CLAMSB3
+from .config import ModelConfig
+from .grouping import assign_groups
+from .m2otca import M2OTCA
+from .ot import sinkhorn
+
+# name -> (use_ot, use_grad) for the M2OTCA family
+_M2OTCA_VARIANTS = {
+    "m2otca": (True, True),
+    "m2otca_a": (False, False),
+    "m2otca_b": (False, True),
+    "m2otca_c": (True, False),
+}
+_ABMIL_SINGLE = {"abmil_20x": "20x", "abmil_10x": "10x", "abmil_5x": "5x"}
+
+MODEL_NAMES: tuple[str, ...] = (*_M2OTCA_VARIANTS, *_ABMIL_SINGLE, "abmil_3", "clam_sb_3")
+
+
+def create_model(
+    name: str, in_dims: dict[str, int], n_classes: int, cfg: ModelConfig | None = None
+) -> nn.Module:
+    """Build model ``name`` for per-magnification input dims ``in_dims`` and ``n_classes``."""
+    cfg = cfg if cfg is not None else ModelConfig()
+    if n_classes < 2:
+        raise ValueError(f"n_classes must be >= 2, got {n_classes}")
+    if name in _M2OTCA_VARIANTS:
+        use_ot, use_grad = _M2OTCA_VARIANTS[name]
+        return M2OTCA(dict(in_dims), n_classes, cfg, use_ot=use_ot, use_grad=use_grad)
+    if name in _ABMIL_SINGLE:
+        mag = _ABMIL_SINGLE[name]
+        if mag not in in_dims:
+            raise KeyError(
+                f"model {name!r} needs magnification {mag!r}; in_dims has {list(in_dims)}"
+            )
+        return ABMIL(in_dims[mag], n_classes, cfg, mag)
+    if name == "abmil_3":
+        return ABMIL3(dict(in_dims), n_classes, cfg)
+    if name == "clam_sb_3":
+        return CLAMSB3(dict(in_dims), n_classes, cfg)
+    raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
+
+
+__all__ = [
+    "MODEL_NAMES",
+    "ModelConfig",
+    "create_model",
+    "assign_groups",
+    "sinkhorn",
+    "M2OTCA",
+    "ABMIL",
+    "ABMIL3",
+    "CLAMSB3",
+]

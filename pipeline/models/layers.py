@@ -1,0 +1,96 @@
+"""Building blocks: input projection, gated attention, masked and segment softmax pooling.
+
+Shapes: B bags, N tiles (padded), D input feature dim, d hidden dim, K items (tiles or
+prototypes) attended over, m groups, C classes. Masks are bool, True = real item.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FeatureProjection(nn.Module):
+    """Per-tile ``Linear(D, d) -> ReLU -> Dropout``."""
+
+    def __init__(self, in_dim: int, d: int, dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_dim, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(torch.relu(self.fc(x)))  # (B, N, d)
+
+
+class GatedAttention(nn.Module):
+    """Gated attention scores (Ilse et al., 2018): ``w^T (tanh(V h) * sigmoid(U h))``.
+
+    V and U are fused into one ``Linear(d, 2 * attn_dim)`` so a single matmul serves both.
+    ``w`` has no bias: softmax is shift-invariant, so a bias would never receive gradient.
+    """
+
+    def __init__(self, d: int, attn_dim: int) -> None:
+        super().__init__()
+        self.vu = nn.Linear(d, 2 * attn_dim)
+        self.w = nn.Linear(attn_dim, 1, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        v, u = self.vu(h).chunk(2, dim=-1)  # (..., attn_dim) each
+        return self.w(torch.tanh(v) * torch.sigmoid(u)).squeeze(-1)  # (...)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim restricted to ``mask``; rows with no real item give zeros."""
+    neg = torch.finfo(scores.dtype).min
+    att = torch.softmax(scores.masked_fill(~mask, neg), dim=-1)  # (B, K)
+    return att * mask  # (B, K): exactly 0 on padding, all-zero rows stay finite
+
+
+def segment_attention_pool(
+    scores: torch.Tensor, h: torch.Tensor, group: torch.Tensor, valid: torch.Tensor, m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention pooling inside each of ``m`` groups per bag, in one vectorised pass.
+
+    Segment softmax as a masked softmax over a (B, m, N) group-membership mask, then one
+    ``bmm`` pools the tiles of every group. With m (30) well below d (256) this costs less
+    than a single elementwise pass over the (B, N, d) embeddings, needs no Python loop over
+    groups, and, unlike ``index_add``/scatter sums (atomics on CUDA), is deterministic on GPU.
+
+    Args:
+        scores: (B, N) attention logits.
+        h: (B, N, d) tile embeddings.
+        group: (B, N) long group index in [0, m); ignored where ``valid`` is False.
+        valid: (B, N) bool, True = real tile.
+        m: number of groups.
+
+    Returns:
+        pooled: (B, m, d) group prototypes, zero for empty groups.
+        alpha: (B, N) within-group attention, sums to 1 over each non-empty group, 0 on padding.
+        group_valid: (B, m) bool, True where the group has at least one tile.
+    """
+    groups = torch.arange(m, device=group.device).view(1, m, 1)  # (1, m, 1)
+    member = (group.unsqueeze(1) == groups) & valid.unsqueeze(1)  # (B, m, N)
+    att = masked_softmax(scores.unsqueeze(1).expand(-1, m, -1), member)  # (B, m, N)
+    pooled = torch.bmm(att, h)  # (B, m, d)
+    return pooled, att.sum(dim=1), member.any(dim=2)  # (B, m, d), (B, N), (B, m)
+
+
+class AttentionHead(nn.Module):
+    """Gated-attention MIL pooling over K items followed by a linear classifier.
+
+    Used as E2 over prototypes (M2OTCA) and as the bag head of ABMIL. No dropout inside, so it
+    is deterministic given its input (the Grad-CAM recomputation relies on this).
+    """
+
+    def __init__(self, d: int, attn_dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.attn = GatedAttention(d, attn_dim)
+        self.classifier = nn.Linear(d, n_classes)
+
+    def forward(
+        self, h: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h (B, K, d), mask (B, K) -> logits (B, C), attention (B, K), embedding (B, d)."""
+        att = masked_softmax(self.attn(h), mask)  # (B, K)
+        z = torch.bmm(att.unsqueeze(1), h).squeeze(1)  # (B, d)
+        return self.classifier(z), att, z  # (B, C), (B, K), (B, d)

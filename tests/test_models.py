@@ -1,0 +1,422 @@
+"""Model-level tests for pipeline.models (M2OTCA, ablations, baselines, Sinkhorn, grouping)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.models import MODEL_NAMES, ModelConfig, create_model
+from pipeline.models.grouping import assign_groups
+from pipeline.models.ot import prototype_cost, sinkhorn
+
+MAGS = ("20x", "10x", "5x")
+IN_DIMS = {"20x": 24, "10x": 16, "5x": 12}
+N_CLASSES = 3
+M = 6
+TILES_PER_REGION = {"20x": 4, "10x": 2, "5x": 1}
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(d=32, attn_dim=16, n_groups=M, dropout=0.25)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make_bag(n_regions: int, seed: int, m: int = M) -> dict:
+    """One unpadded bag: per magnification feats (N_t, D_t), group (N_t,)."""
+    gen = torch.Generator().manual_seed(seed)
+    regions = {}
+    for t in MAGS:
+        # variable tiles per region (0 allowed below 20x) so counts are uneven
+        k = torch.randint(0, TILES_PER_REGION[t] + 1, (n_regions,), generator=gen)
+        if t == "20x":
+            k = k.clamp_min(1)
+        regions[t] = torch.arange(n_regions).repeat_interleave(k)
+    groups = assign_groups(regions["20x"], regions, m)
+    return {
+        "feats": {t: torch.randn(len(regions[t]), IN_DIMS[t], generator=gen) for t in MAGS},
+        "group": groups,
+    }
+
+
+def collate(bags: list[dict], pad_extra: int = 0) -> dict:
+    """Pad bags to a batch; ``pad_extra`` adds padding beyond the longest bag."""
+    batch = {"feats": {}, "mask": {}, "group": {}}
+    for t in MAGS:
+        n = max(b["group"][t].numel() for b in bags) + pad_extra
+        feats = torch.zeros(len(bags), n, IN_DIMS[t])
+        mask = torch.zeros(len(bags), n, dtype=torch.bool)
+        group = torch.full((len(bags), n), -1, dtype=torch.long)
+        for i, b in enumerate(bags):
+            k = b["group"][t].numel()
+            feats[i, :k], mask[i, :k], group[i, :k] = b["feats"][t], True, b["group"][t]
+            feats[i, k:] = 7.0  # padding garbage must not matter
+        batch["feats"][t], batch["mask"][t], batch["group"][t] = feats, mask, group
+    return batch
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict:
+    return collate([make_bag(12, seed=1), make_bag(7, seed=2), make_bag(3, seed=3)])
+
+
+def build(name: str, seed: int = 0, **cfg_kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model(name, IN_DIMS, N_CLASSES, small_cfg(**cfg_kw))
+
+
+# ---------------------------------------------------------------- factory and config
+
+
+def test_model_names_and_unknown():
+    for name in (
+        "m2otca",
+        "m2otca_a",
+        "m2otca_b",
+        "m2otca_c",
+        "abmil_20x",
+        "abmil_10x",
+        "abmil_5x",
+        "abmil_3",
+    ):
+        assert name in MODEL_NAMES
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("nope", IN_DIMS, 2)
+
+
+def test_config_from_dict():
+    cfg = ModelConfig.from_dict({"d": 64, "dropout": None, "sinkhorn_eps": 0.05})
+    assert cfg.d == 64 and cfg.dropout == ModelConfig().dropout and cfg.sinkhorn_eps == 0.05
+    with pytest.raises(ValueError, match="unknown model config key"):
+        ModelConfig.from_dict({"hidden": 3})
+    with pytest.raises(ValueError, match="grad_class"):
+        ModelConfig.from_dict({"grad_class": "oracle"})
+    assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()
+    assert ModelConfig.from_dict({"sinkhorn_tol": "1e-4"}).sinkhorn_tol == 1e-4  # YAML 1.1
+    with pytest.raises(ValueError, match="n_groups"):
+        ModelConfig.from_dict({"n_groups": 0})
+
+
+# ---------------------------------------------------------------- every model
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_train_step_shapes_and_all_parameters_get_gradient(name, batch):
+    model = build(name).train()
+    labels = torch.tensor([0, 2, 1])
+    out = model(batch, labels)
+    bsz = 3
+    assert out["logits"].shape == (bsz, N_CLASSES)
+    assert torch.isfinite(out["logits"]).all()
+    assert out["branch_logits"]
+    for y in out["branch_logits"].values():
+        assert y.shape == (bsz, N_CLASSES) and torch.isfinite(y).all()
+    for t, att in out["tile_attention"].items():
+        mask = batch["mask"][t]
+        assert att.shape == mask.shape and torch.isfinite(att).all()
+        assert (att[~mask] == 0).all()
+        torch.testing.assert_close(att.sum(1), torch.ones(bsz), atol=1e-5, rtol=0)
+    for att in out["proto_attention"].values():
+        assert att.shape == (bsz, M) and torch.isfinite(att).all()
+    loss = torch.nn.functional.cross_entropy(out["logits"], labels) + out.get("aux_loss", 0)
+    loss.backward()
+    no_grad = [
+        n
+        for n, p in model.named_parameters()
+        if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0
+    ]
+    assert not no_grad, f"parameters without (finite, non-zero) gradient: {no_grad}"
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_eval_under_inference_mode(name, batch):
+    model = build(name).eval()
+    with torch.no_grad():
+        ref = model(batch)["logits"]
+    with torch.inference_mode():
+        # inputs created inside inference mode are inference tensors: the hard case
+        inf_batch = {k: {t: v.clone() for t, v in d.items()} for k, d in batch.items()}
+        out = model(inf_batch)
+        assert inf_batch["feats"]["20x"].is_inference()
+    assert torch.isfinite(out["logits"]).all()
+    torch.testing.assert_close(out["logits"], ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_padding_invariance(name):
+    bags = [make_bag(9, seed=11), make_bag(14, seed=12)]
+    model = build(name).eval()
+    with torch.no_grad():
+        alone = model(collate(bags[:1]))
+        padded = model(collate(bags, pad_extra=5))
+    torch.testing.assert_close(padded["logits"][:1], alone["logits"], atol=1e-5, rtol=0)
+    for t, att in alone["tile_attention"].items():
+        n = att.shape[1]
+        torch.testing.assert_close(padded["tile_attention"][t][:1, :n], att, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["m2otca", "abmil_3"])
+def test_fixed_seed_reproduces(name, batch):
+    outs = []
+    for _ in range(2):
+        model = build(name, seed=5).train()
+        torch.manual_seed(123)  # dropout
+        outs.append(model(batch, torch.tensor([0, 1, 2]))["logits"])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_aux_loss_only_for_clam_in_training(batch):
+    labels = torch.tensor([0, 2, 1])
+    for name in MODEL_NAMES:
+        model = build(name).train()
+        has_aux = "aux_loss" in model(batch, labels)
+        assert has_aux == (name == "clam_sb_3"), name
+        assert "aux_loss" not in model(batch)
+        with torch.no_grad():
+            assert "aux_loss" not in model.eval()(batch, labels)
+    out = build("clam_sb_3").train()(batch, labels)
+    assert out["aux_loss"].dim() == 0 and out["aux_loss"] > 0
+
+
+# ---------------------------------------------------------------- M2OTCA specifics
+
+
+def test_empty_groups_are_masked():
+    bag = make_bag(2, seed=4)  # 2 regions < m = 6 groups: most groups empty
+    assert bag["group"]["20x"].unique().numel() < M
+    model = build("m2otca").eval()
+    with torch.no_grad():
+        out = model(collate([bag]))
+    assert torch.isfinite(out["logits"]).all()
+    used = torch.zeros(M, dtype=torch.bool)
+    used[bag["group"]["20x"]] = True
+    assert (out["proto_attention"]["20x"][0, ~used] == 0).all()
+    torch.testing.assert_close(out["proto_attention"]["20x"].sum(), torch.tensor(1.0))
+
+
+def test_bag_without_low_magnification_tiles():
+    bags = [make_bag(8, seed=21), make_bag(5, seed=22)]
+    bags[1]["feats"]["5x"] = bags[1]["feats"]["5x"][:0]
+    bags[1]["group"]["5x"] = bags[1]["group"]["5x"][:0]
+    for name in ("m2otca", "m2otca_b", "m2otca_c"):
+        model = build(name).train()
+        out = model(collate(bags), torch.tensor([0, 1]))
+        assert torch.isfinite(out["logits"]).all()
+        out["logits"].sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_group_index_out_of_range_fails(batch):
+    bad = {k: dict(v) for k, v in batch.items()}
+    bad["group"]["10x"] = batch["group"]["10x"].clamp_min(0) + M
+    with pytest.raises(ValueError, match="n_groups"):
+        build("m2otca")(bad)
+
+
+def test_grad_weights_never_all_zero(batch):
+    model = build("m2otca", dropout=0.0).eval()
+    head = model.e2["20x"]
+    with torch.no_grad():
+        head.attn.w.weight.zero_()  # uniform attention: dy_c/dP_u = a_u * W_c
+        head.classifier.weight.fill_(-1.0)  # every class row has a negative mean
+    # the raw Grad-CAM weights would all be zero here
+    p1, valid, _, _ = model.e1["20x"](
+        batch["feats"]["20x"], batch["mask"]["20x"], batch["group"]["20x"]
+    )
+    leaf = p1.detach().requires_grad_(True)
+    logits, _, _ = head(leaf, valid)
+    (grad,) = torch.autograd.grad(logits[:, 0].sum(), leaf)
+    assert (torch.relu(grad.mean(-1)) == 0).all()
+
+    with torch.inference_mode():
+        out = model(batch)
+    w = out["grad_weights"]
+    assert (w[valid] > 0).all() and (w[~valid] == 0).all()
+    torch.testing.assert_close(w.sum(1), valid.sum(1).float())
+    for t in ("10x", "5x"):  # low-magnification branches still see their prototypes
+        assert not torch.allclose(
+            out["branch_logits"][t], model.e2[t].classifier.bias.expand(3, -1)
+        )
+
+
+def test_grad_weights_normalised(batch):
+    model = build("m2otca").eval()
+    with torch.no_grad():
+        out = model(batch)
+    w = out["grad_weights"]
+    p1, valid, _, _ = model.e1["20x"](
+        batch["feats"]["20x"], batch["mask"]["20x"], batch["group"]["20x"]
+    )
+    assert (w >= 0).all() and (w[~valid] == 0).all()
+    torch.testing.assert_close(w.sum(1), valid.sum(1).float())
+
+
+def test_grad_class_label_only_in_training(batch, monkeypatch):
+    model = build("m2otca", grad_class="label")
+    seen = []
+    orig = model.grad_weights
+
+    def spy(p1, valid, target):
+        seen.append(target.clone())
+        return orig(p1, valid, target)
+
+    monkeypatch.setattr(model, "grad_weights", spy)
+    labels = torch.tensor([2, 2, 2])
+    model.train()(batch, labels)
+    assert torch.equal(seen[-1], labels)
+    model.eval()
+    with torch.no_grad():
+        out = model(batch, labels)
+    assert torch.equal(seen[-1], out["branch_logits"]["20x"].argmax(-1))
+
+
+def test_ablations_differ(batch):
+    outs = {}
+    for name in ("m2otca", "m2otca_a", "m2otca_b", "m2otca_c"):
+        with torch.no_grad():
+            outs[name] = build(name, dropout=0.0).eval()(batch)["logits"]
+    names = list(outs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not torch.allclose(outs[a], outs[b]), (a, b)
+    assert "grad_weights" not in build("m2otca_c").eval()(batch)
+
+
+# ---------------------------------------------------------------- Sinkhorn
+
+
+def _masks(bsz: int, n: int, k: int, gen: torch.Generator):
+    rows = torch.rand(bsz, n, generator=gen) > 0.3
+    cols = torch.rand(bsz, k, generator=gen) > 0.3
+    rows[:, 0] = cols[:, 0] = True
+    return rows, cols
+
+
+def test_sinkhorn_marginals_within_tolerance():
+    gen = torch.Generator().manual_seed(0)
+    cost = torch.rand(4, 9, 7, generator=gen)
+    rows, cols = _masks(4, 9, 7, gen)
+    tol = 1e-4
+    plan, info = sinkhorn(cost, rows, cols, eps=0.1, max_iter=500, tol=tol, return_info=True)
+    assert info["n_iter"] < 500
+    a = rows.float() / rows.sum(1, keepdim=True)
+    b = cols.float() / cols.sum(1, keepdim=True)
+    torch.testing.assert_close(plan.sum(2), a, atol=1e-6, rtol=0)
+    assert (torch.linalg.vector_norm(plan.sum(1) - b, dim=1) < tol).all()
+    pair = rows.unsqueeze(2) & cols.unsqueeze(1)
+    assert (plan[~pair] == 0).all()
+
+
+def test_sinkhorn_matches_pot_on_random_costs():
+    ot = pytest.importorskip("ot")
+    gen = torch.Generator().manual_seed(1)
+    for n, k, eps in ((5, 5, 0.1), (8, 6, 0.05), (30, 30, 0.1)):
+        cost = torch.rand(n, k, generator=gen, dtype=torch.float64)
+        a = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        b = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        ref = torch.as_tensor(
+            ot.sinkhorn(a.numpy(), b.numpy(), cost.numpy(), eps, numItermax=10_000, stopThr=1e-12)
+        )
+        plan = sinkhorn(cost, eps=eps, max_iter=10_000, tol=1e-12)
+        torch.testing.assert_close(plan, ref, atol=1e-9, rtol=1e-6)
+
+
+def test_sinkhorn_masked_bag_equals_pot_on_valid_subset():
+    ot = pytest.importorskip("ot")
+    gen = torch.Generator().manual_seed(2)
+    cost = torch.rand(3, 8, 8, generator=gen, dtype=torch.float64)
+    rows, cols = _masks(3, 8, 8, gen)
+    batched = sinkhorn(cost, rows, cols, eps=0.1, max_iter=10_000, tol=1e-12)
+    for i in range(3):
+        sub = cost[i][rows[i]][:, cols[i]]
+        a = torch.full((sub.shape[0],), 1.0 / sub.shape[0], dtype=torch.float64)
+        b = torch.full((sub.shape[1],), 1.0 / sub.shape[1], dtype=torch.float64)
+        ref = torch.as_tensor(
+            ot.sinkhorn(a.numpy(), b.numpy(), sub.numpy(), 0.1, numItermax=10_000, stopThr=1e-12)
+        )
+        torch.testing.assert_close(batched[i][rows[i]][:, cols[i]], ref, atol=1e-9, rtol=1e-6)
+
+
+def test_sinkhorn_bags_independent_and_differentiable():
+    gen = torch.Generator().manual_seed(3)
+    cost = torch.rand(3, 6, 6, generator=gen)
+    cost[1] *= 0.01  # near-uniform bag converges at once, the others need more iterations
+    batched = sinkhorn(cost, eps=0.1)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], sinkhorn(cost[i], eps=0.1), atol=1e-7, rtol=0)
+    c = cost.clone().requires_grad_(True)
+    (sinkhorn(c, eps=0.1) * torch.randn(3, 6, 6, generator=gen)).sum().backward()
+    assert torch.isfinite(c.grad).all() and c.grad.abs().sum() > 0
+
+
+def test_prototype_cost_scaled_to_unit_interval():
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen)
+    rows, cols = _masks(2, 5, 5, gen)
+    c = prototype_cost(x, y, rows, cols)
+    pair = rows.unsqueeze(2) & cols.unsqueeze(1)
+    assert (c >= 0).all() and (c <= 1).all() and (c[~pair] == 0).all()
+    torch.testing.assert_close(c.amax(dim=(1, 2)), torch.ones(2))
+    torch.testing.assert_close(
+        c[0, 0, 0], torch.dist(x[0, 0], y[0, 0]) / torch.cdist(x[0][rows[0]], y[0][cols[0]]).max()
+    )
+
+
+# ---------------------------------------------------------------- grouping
+
+
+def test_grouping_same_boundaries_and_balanced():
+    gen = torch.Generator().manual_seed(5)
+    n_regions, m = 200, 10
+    sizes20 = torch.randint(1, 9, (n_regions,), generator=gen)
+    r20 = torch.arange(n_regions).repeat_interleave(sizes20)
+    r10 = torch.arange(n_regions).repeat_interleave(
+        torch.randint(0, 3, (n_regions,), generator=gen)
+    )
+    r5 = torch.arange(n_regions)
+    groups = assign_groups(r20, {"20x": r20, "10x": r10, "5x": r5}, m)
+    region_group = groups["5x"]  # every region has exactly one 5x tile
+    for t, r in (("20x", r20), ("10x", r10)):
+        assert torch.equal(groups[t], region_group[r])  # same region -> same group everywhere
+    assert (region_group.diff() >= 0).all()  # groups are runs of consecutive regions
+    counts = torch.bincount(groups["20x"], minlength=m)
+    assert (counts > 0).all()
+    target = r20.numel() / m
+    assert (counts - target).abs().max() <= sizes20.max()
+
+
+def test_grouping_region_without_20x_tile_joins_preceding_group():
+    r20 = torch.tensor([0, 0, 2, 2, 4, 4, 6, 6])
+    r10 = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    g = assign_groups(r20, {"10x": r10}, 4)
+    assert torch.equal(g["20x"], torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    assert torch.equal(g["10x"], torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+
+
+def test_grouping_fewer_regions_than_groups():
+    r20 = torch.tensor([3, 3, 3, 8, 8])
+    g = assign_groups(r20, {"5x": torch.tensor([3, 8])}, 30)
+    assert g["20x"].min() >= 0 and g["20x"].max() < 30
+    assert g["20x"].unique().numel() == 2  # two regions -> two non-empty groups, the rest empty
+    assert torch.equal(g["5x"], g["20x"][[0, 3]])
+    empty = assign_groups(torch.empty(0, dtype=torch.long), {"5x": torch.tensor([1, 2])}, 5)
+    assert empty["20x"].numel() == 0 and (empty["5x"] == 0).all()
+
+
+def test_sinkhorn_implicit_gradient_matches_unrolled_and_gradcheck():
+    gen = torch.Generator().manual_seed(6)
+    cost = torch.rand(2, 6, 5, generator=gen, dtype=torch.float64)
+    rows, cols = _masks(2, 6, 5, gen)
+    weight = torch.randn(2, 6, 5, generator=gen, dtype=torch.float64)
+    grads = []
+    for implicit in (True, False):
+        c = cost.clone().requires_grad_(True)
+        plan = sinkhorn(c, rows, cols, eps=0.1, max_iter=5000, tol=1e-12, implicit=implicit)
+        (plan * weight).sum().backward()
+        grads.append(c.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda c: sinkhorn(c, rows, cols, eps=0.1, max_iter=5000, tol=1e-13),
+        (cost.clone().requires_grad_(True),),
+        atol=1e-6,
+    )
