@@ -28,7 +28,7 @@ class TilingConfig:
     saturation_floor: int = 20  # Otsu threshold on HSV saturation never goes below this (0-255)
     min_component_um2: float = 20000.0  # tissue pieces smaller than this area are dropped (µm²)
     max_hole_um2: float = 40000.0  # holes in tissue smaller than this area are filled (µm²)
-    max_read_pixels: int = 16_000_000  # largest single region read while masking (px), streams above it
+    max_read_pixels: int = 4_000_000  # largest single region read while masking (px), streams above it
 
     def __post_init__(self):
         mags = list(self.magnifications.items())

@@ -17,8 +17,9 @@ _COARSE = (255, 140, 0)  # RGB orange: coarsest tiles (regions)
 def qc_image(thumb: np.ndarray, mask: np.ndarray, thumb_scale: float, tiles: dict[str, TileSet],
              tile_px: dict[str, float], target_side: int = 1600) -> np.ndarray:
     """RGB QC picture; `thumb_scale` = level-0 px per thumbnail px, `tile_px` = level-0 side per magnification."""
-    zoom = max(1.0, min(4.0, target_side / max(thumb.shape[:2])))
-    img = cv2.resize(thumb, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_LINEAR) if zoom > 1 else thumb.copy()
+    zoom = min(4.0, target_side / max(thumb.shape[:2]))  # small slides up, huge slides down
+    interp = cv2.INTER_LINEAR if zoom > 1 else cv2.INTER_AREA
+    img = cv2.resize(thumb, None, fx=zoom, fy=zoom, interpolation=interp) if zoom != 1 else thumb.copy()
     m = cv2.resize(mask, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
     s = zoom / thumb_scale  # picture px per level-0 px
     names = list(tiles)

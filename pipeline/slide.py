@@ -61,11 +61,13 @@ def fingerprint(path: str | Path) -> str:
 
 def _composite_white(rgba: np.ndarray) -> np.ndarray:
     """RGBA (not premultiplied) over white -> RGB uint8; transparent = outside the scanned area."""
-    rgb, a = rgba[..., :3], rgba[..., 3:4]
-    if a.min() == 255:
-        return np.ascontiguousarray(rgb)
-    af = a.astype(np.float32) / 255.0
-    return (rgb.astype(np.float32) * af + 255.0 * (1.0 - af) + 0.5).astype(np.uint8)
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    a = rgba[..., 3]
+    see_through = a < 255
+    if see_through.any():  # blend only those pixels: no full-size float copies
+        af = a[see_through].astype(np.float32)[:, None] / 255.0  # (K, 1)
+        rgb[see_through] = (rgb[see_through] * af + 255.0 * (1.0 - af) + 0.5).astype(np.uint8)
+    return rgb
 
 
 class Slide:
@@ -119,10 +121,12 @@ class Slide:
             img = cv2.resize(img, (w, h), interpolation=interp)
         return img
 
-    def thumbnail(self, mpp: float, max_read_pixels: int = 16_000_000) -> np.ndarray:
+    def thumbnail(self, mpp: float, max_read_pixels: int = 4_000_000, reduce=None) -> np.ndarray:
         """The whole slide at `mpp` µm/px, read in blocks so no read exceeds `max_read_pixels`.
 
         Pixel (i, j) of the result covers level-0 [j*s, (j+1)*s) x [i*s, (i+1)*s), s = mpp / base mpp.
+        `reduce` maps each RGB block to one channel (e.g. HSV saturation) so the full-size RGB
+        image never exists: memory stays one byte per output pixel.
         """
         s = mpp / self.info.mpp
         W, H = self.info.width, self.info.height
@@ -131,7 +135,7 @@ class Slide:
         lds = self.info.level_downsamples[level]
         r = s / lds  # level pixels per output pixel (>= 1 up to rounding)
         block = max(16, int(math.sqrt(max_read_pixels) / max(r, 1.0)))  # output px per block side
-        out = np.empty((out_h, out_w, 3), np.uint8)
+        out = np.empty((out_h, out_w) if reduce else (out_h, out_w, 3), np.uint8)
         for by in range(0, out_h, block):
             for bx in range(0, out_w, block):
                 bh, bw = min(block, out_h - by), min(block, out_w - bx)
@@ -144,7 +148,7 @@ class Slide:
                 if img.shape[:2] != (bh, bw):
                     interp = cv2.INTER_AREA if img.shape[1] >= bw else cv2.INTER_LINEAR
                     img = cv2.resize(img, (bw, bh), interpolation=interp)
-                out[by : by + bh, bx : bx + bw] = img
+                out[by : by + bh, bx : bx + bw] = reduce(img) if reduce else img
         return out
 
 

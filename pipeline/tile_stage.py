@@ -48,12 +48,11 @@ def tile_to_store(slide_path: str | Path, out: str | Path, cfg: TilingConfig, mp
         "region_grid": [res.grid.region_rows, res.grid.region_cols],
     }
     write_tile_store(out, res.tiles, attrs)
-    scale = res.mask_mpp / info.mpp
     if mask_png:
         Path(mask_png).parent.mkdir(parents=True, exist_ok=True)
         write_mask_png(mask_png, res.mask)
     if qc_png:
-        write_png(qc_png, qc_image(res.thumbnail, res.mask, scale, res.tiles, attrs["tile_px_level0"]))
+        write_png(qc_png, qc_image(res.thumbnail, res.mask, res.thumb_mpp / info.mpp, res.tiles, attrs["tile_px_level0"]))
     log.info("%s: base %.4g µm/px (%s), tiles %s", slide_id, info.mpp, info.mpp_source,
              ", ".join(f"{k}={v}" for k, v in counts.items()))
     return counts

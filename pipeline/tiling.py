@@ -20,6 +20,7 @@ from pipeline.errors import SlideError
 from pipeline.slide import Slide
 
 log = logging.getLogger(__name__)
+QC_SIDE = 2000  # longest side of the RGB thumbnail kept for QC pictures (px)
 
 
 @dataclass
@@ -86,14 +87,42 @@ def area_fractions(integral: np.ndarray, x0: np.ndarray, y0: np.ndarray, side: f
     return np.clip(area / (side * side), 0.0, 1.0)
 
 
+def grid_fractions(mask: np.ndarray, mask_scale: float, grid: Grid) -> list[np.ndarray]:
+    """Tissue fraction of every grid cell, (rows_i, cols_i) per magnification i.
+
+    Computed one region row at a time from that band's summed-area table, so memory stays
+    one byte per mask pixel however big the slide.
+    """
+    H, W = mask.shape
+    region_mask_px = grid.finest_px * 2 ** (grid.n_levels - 1) / mask_scale
+    out = [np.zeros((grid.region_rows * grid.cells_per_region(i), grid.region_cols * grid.cells_per_region(i)))
+           for i in range(grid.n_levels)]
+    for R in range(grid.region_rows):
+        y0 = min(H, int(np.floor(R * region_mask_px)))
+        y1 = min(H, int(np.ceil((R + 1) * region_mask_px)) + 1)
+        if y1 <= y0:
+            continue  # the band lies below the mask: no tissue
+        band = cv2.integral(mask[y0:y1], sdepth=cv2.CV_32S)  # (h+1, W+1)
+        for i in range(grid.n_levels):
+            k, cpr = grid.factor(i), grid.cells_per_region(i)
+            cols = grid.region_cols * cpr
+            r, c = np.divmod(np.arange(cpr * cols, dtype=np.int64), cols)
+            r += R * cpr
+            side = k * grid.finest_px / mask_scale
+            x = c * k * grid.finest_px / mask_scale
+            y = r * k * grid.finest_px / mask_scale - y0
+            out[i][R * cpr : (R + 1) * cpr] = area_fractions(band, x, y, side).reshape(cpr, cols)
+    return out
+
+
 def tile_grid(mask: np.ndarray, mask_scale: float, grid: Grid, cfg: TilingConfig) -> dict[str, TileSet]:
     """Tiles kept at every magnification, with regions, parents and spatial order.
 
     `mask_scale` is level-0 px per mask px. Every coordinate is computed from the finest-grid
     index (`round(k * f)`), so nested footprints share their corners exactly.
     """
-    integral = cv2.integral(mask.astype(np.uint8), sdepth=cv2.CV_32S)  # (H+1, W+1)
     names = list(cfg.magnifications)
+    fractions = grid_fractions(mask, mask_scale, grid)
     out: dict[str, TileSet] = {}
     kept_index: list[np.ndarray] = []  # per magnification: dense (rows, cols) -> kept index or -1
     for i, name in enumerate(names):
@@ -102,8 +131,7 @@ def tile_grid(mask: np.ndarray, mask_scale: float, grid: Grid, cfg: TilingConfig
         rows, cols = grid.region_rows * cpr, grid.region_cols * cpr
         r, c = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)
         fx, fy = c * k, r * k  # finest-grid index of the top-left corner
-        frac = area_fractions(integral, fx * grid.finest_px / mask_scale, fy * grid.finest_px / mask_scale,
-                              k * grid.finest_px / mask_scale)
+        frac = fractions[i].reshape(-1)
         keep = frac >= cfg.tissue_threshold - 1e-9
         r, c, fx, fy, frac = r[keep], c[keep], fx[keep], fy[keep], frac[keep]
         region = (r // cpr) * grid.region_cols + (c // cpr)
@@ -144,9 +172,10 @@ def check_targets(slide: Slide, cfg: TilingConfig) -> None:
 class TilingResult:
     tiles: dict[str, TileSet]
     mask: np.ndarray  # (h, w) uint8 0/1
-    thumbnail: np.ndarray  # (h, w, 3) uint8 RGB at mask resolution
+    thumbnail: np.ndarray  # (h, w, 3) uint8 RGB at `thumb_mpp`, for QC
     mask_mpp: float
     grid: Grid
+    thumb_mpp: float
 
 
 def tile_slide(slide: Slide, cfg: TilingConfig) -> TilingResult:
@@ -154,16 +183,20 @@ def tile_slide(slide: Slide, cfg: TilingConfig) -> TilingResult:
     check_targets(slide, cfg)
     info = slide.info
     mask_mpp = max(cfg.mask_mpp, info.mpp * max(info.width, info.height) / cfg.mask_max_side)
-    thumb = slide.thumbnail(mask_mpp, cfg.max_read_pixels)
-    # local import keeps the geometry above usable without OpenCV's morphology
-    from pipeline.tissue import tissue_mask
+    from pipeline.tissue import saturation, tissue_mask_from_saturation
 
-    mask = tissue_mask(thumb, mask_mpp, cfg.saturation_floor, cfg.min_component_um2, cfg.max_hole_um2)
-    # The thumbnail's last row/col may run past the slide; that part reads white, so no tissue.
+    # Saturation is reduced block by block: the full RGB image at mask resolution never exists.
+    # The last row/col may run past the slide; that part reads white, so no tissue.
+    sat = slide.thumbnail(mask_mpp, cfg.max_read_pixels, reduce=saturation)
+    mask = tissue_mask_from_saturation(sat, mask_mpp, cfg.saturation_floor, cfg.min_component_um2, cfg.max_hole_um2)
+    del sat
     scale = mask_mpp / info.mpp
     grid = make_grid(info.width, info.height, info.mpp, cfg)
     tiles = tile_grid(mask, scale, grid, cfg)
-    return TilingResult(tiles=tiles, mask=mask, thumbnail=thumb, mask_mpp=mask_mpp, grid=grid)
+    # A small RGB picture for QC (coarser than the mask on big slides).
+    qc_mpp = max(mask_mpp, info.mpp * max(info.width, info.height) / QC_SIDE)
+    thumb = slide.thumbnail(qc_mpp, cfg.max_read_pixels)
+    return TilingResult(tiles=tiles, mask=mask, thumbnail=thumb, mask_mpp=mask_mpp, grid=grid, thumb_mpp=qc_mpp)
 
 
 def write_mask_png(path: str | Path, mask: np.ndarray) -> None:

@@ -6,52 +6,68 @@ import cv2
 import numpy as np
 
 
-def tissue_mask(
-    rgb: np.ndarray,
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation (H, W) uint8 of an RGB uint8 image."""
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+
+
+def tissue_mask(rgb: np.ndarray, mpp: float, **kw) -> np.ndarray:
+    """Binary tissue mask (H, W) uint8 in {0, 1} of an RGB thumbnail at `mpp` µm/px."""
+    return tissue_mask_from_saturation(saturation(rgb), mpp, **kw)
+
+
+def tissue_mask_from_saturation(
+    sat: np.ndarray,
     mpp: float,
     saturation_floor: int = 20,
     min_component_um2: float = 20000.0,
     max_hole_um2: float = 40000.0,
 ) -> np.ndarray:
-    """Binary tissue mask (H, W) uint8 in {0, 1} of an RGB thumbnail at `mpp` µm/px.
+    """Binary tissue mask (H, W) uint8 in {0, 1} from HSV saturation at `mpp` µm/px.
 
     Saturation separates stained tissue from white/grey glass; Otsu adapts to the stain, the
     floor stops it from splitting pure background into two classes on slides without tissue.
     """
     px_area = mpp * mpp  # µm² per mask pixel
-    sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]  # (H, W) uint8
     k = 5 if min(sat.shape) >= 5 else 1
-    sat = cv2.medianBlur(sat, k)
-    otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    # Every step writes into one of two uint8 buffers: memory stays ~2 bytes per mask pixel.
+    blurred = cv2.medianBlur(sat, k)
+    otsu = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0]
     thr = max(float(otsu), float(saturation_floor))
-    mask = (sat > thr).astype(np.uint8)
+    mask = cv2.threshold(blurred, thr, 1, cv2.THRESH_BINARY, dst=blurred)[1]  # (H, W) uint8 {0, 1}
     # Close small gaps between nuclei / stroma fibres (about 3 mask px).
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
-    mask = _fill_small_holes(mask, max_hole_um2 / px_area)
-    return _drop_small_components(mask, min_component_um2 / px_area)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel, dst=mask)
+    return _clean_components(mask, min_component_um2 / px_area, max_hole_um2 / px_area)
 
 
-def _fill_small_holes(mask: np.ndarray, max_area_px: float) -> np.ndarray:
-    """Fill background components enclosed by tissue that are smaller than `max_area_px`."""
-    inv = (1 - mask).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(inv, connectivity=4)
-    if n <= 1:
+def _clean_components(mask: np.ndarray, min_area_px: float, max_hole_px: float) -> np.ndarray:
+    """Fill holes smaller than `max_hole_px` and drop tissue pieces smaller than `min_area_px`.
+
+    Works on contours (a two-level hierarchy: outer boundaries and their holes), not on label
+    images, so memory stays one byte per mask pixel on huge slides.
+    """
+    contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
         return mask
-    H, W = mask.shape
-    x, y, w, h, area = stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3], stats[:, 4]
-    touches_border = (x == 0) | (y == 0) | (x + w == W) | (y + h == H)
-    fill = (area < max_area_px) & ~touches_border
-    fill[0] = False  # label 0 is the tissue itself (inv == 0)
-    out = mask.copy()
-    out[fill[labels] & (inv == 1)] = 1
+    out = mask  # edited in place: the caller's buffer is ours
+    hier = hierarchy[0]  # (K, 4): next, previous, first child, parent
+    holes = [i for i in range(len(contours)) if hier[i][3] >= 0]
+    small_holes = [contours[i] for i in holes if cv2.contourArea(contours[i]) < max_hole_px]
+    if small_holes:
+        cv2.drawContours(out, small_holes, -1, 1, thickness=cv2.FILLED)
+    outer = [i for i in range(len(contours)) if hier[i][3] < 0]
+    # a piece's area = its outline's area minus the holes left open inside it
+    tiny = []
+    for i in outer:
+        area = cv2.contourArea(contours[i]) + 1  # +1: single-pixel specks have zero polygon area
+        child = hier[i][2]
+        while child >= 0:
+            if cv2.contourArea(contours[child]) >= max_hole_px:
+                area -= cv2.contourArea(contours[child])
+            child = hier[child][0]
+        if area < min_area_px:
+            tiny.append(contours[i])
+    if tiny:
+        cv2.drawContours(out, tiny, -1, 0, thickness=cv2.FILLED)  # islands in holes are top-level too
     return out
-
-
-def _drop_small_components(mask: np.ndarray, min_area_px: float) -> np.ndarray:
-    """Remove tissue components smaller than `min_area_px` (dust, debris, pen dots)."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    if n <= 1:
-        return mask
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_area_px
-    keep[0] = False  # label 0 is the background
-    return keep[labels].astype(np.uint8)

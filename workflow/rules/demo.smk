@@ -1,18 +1,21 @@
-checkpoint make_demo_cohort:
-    output:
-        sheet=config["slides"],
-    log:
-        f"{LOGS}/make_demo_cohort.log",
-    conda:
-        "../../envs/tiling.yaml"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    params:
-        n=config["demo"]["n_slides"],
-        seed=config["demo"]["seed"],
-        scale=config["demo"]["scale"],
-    shell:
-        "python -m pipeline demo-cohort --out $(dirname {output.sheet:q}) "
-        "--n {params.n} --seed {params.seed} --scale {params.scale} > {log} 2>&1"
+# Only defined when the demo is on, so it can never overwrite a user's sheet.
+if config["demo"]["enabled"]:
+
+    checkpoint make_demo_cohort:
+        output:
+            sheet=config["slides"],
+        log:
+            f"{LOGS}/make_demo_cohort.log",
+        conda:
+            "../../envs/tiling.yaml"
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=30,
+        params:
+            n=config["demo"]["n_slides"],
+            seed=config["demo"]["seed"],
+            scale=config["demo"]["scale"],
+        shell:
+            "python -m pipeline demo-cohort --out $(dirname {output.sheet:q}) "
+            "--n {params.n} --seed {params.seed} --scale {params.scale} > {log} 2>&1"
