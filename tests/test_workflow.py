@@ -36,10 +36,10 @@ def test_tiling_workflow_survives_bad_slides_and_is_incremental(tmp_path):
     r = snakemake(tmp_path, "tiles_summary")
     assert r.returncode == 0, r.stderr[-3000:]
     res = tmp_path / "results" / "tiny"
-    failed = pd.read_csv(res / "failed_slides.tsv", sep="\t")
-    assert sorted(failed["slide_id"]) == ["boxes", "unreadable"]
-    assert failed.set_index("slide_id").loc["boxes", "error"].startswith("boxes.tiff: magnification unknown")
     summary = pd.read_csv(res / "tiles" / "summary.tsv", sep="\t").set_index("slide_id")
+    failed = summary[summary["status"] == "failed"]
+    assert sorted(failed.index) == ["boxes", "unreadable"]
+    assert failed.loc["boxes", "error"].startswith("boxes.tiff: magnification unknown")
     assert summary.loc["cmu", "tiles_20x"] > 0 and summary.loc["cmu", "status"] == "ok"
     assert (res / "qc" / "cmu.png").exists() and (res / "qc" / "boxes.png").exists()
     # nothing changed -> nothing to do
@@ -54,3 +54,48 @@ def test_tiling_workflow_survives_bad_slides_and_is_incremental(tmp_path):
     jobs = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
             if len(line.split()) == 2 and line.split()[1].isdigit()}
     assert jobs.get("tile_slide") == 1, out
+
+
+def jobs_of(out: str) -> dict[str, int]:
+    """Rule -> job count from `snakemake -n --quiet rules` output."""
+    counts = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.mark.slow
+def test_features_and_models_rerun_only_what_changed(tmp_path):
+    """Add a slide -> its tiling + extraction + training; new encoder -> no tiling; no change -> nothing."""
+    from conftest import tissue_image, write_tiff
+
+    slides = []
+    for i in range(5):
+        p = write_tiff(tmp_path / f"s{i}.tif", tissue_image(900, 1100, seed=i, blobs=4), mpp=0.5, levels=2)
+        slides.append((f"s{i}", p, "tumor" if i % 2 else "normal"))
+    write_cohort(tmp_path, slides[:4])
+    extra = ("splits: {folds: 2}\nmodels: [abmil_3]\ntraining: {epochs: 2, min_epochs: 1, model: {n_groups: 4}}\n"
+             "tiling: {tile_size: 64}\nfeatures: {batch_size: 16}\nheatmaps: {n_auto: 1, model: abmil_3}\n")
+    cfg = (tmp_path / "config.yaml").read_text() + extra
+    (tmp_path / "config.yaml").write_text(cfg)
+    r = snakemake(tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = tmp_path / "results" / "tiny"
+    assert (res / "metrics" / "resnet18_simclr" / "summary.tsv").exists()
+    assert (res / "metrics" / "resnet18_simclr" / "manifest.json").exists()
+    assert "Nothing to be done" in (r2 := snakemake(tmp_path, "-n")).stdout + r2.stderr
+    # one more slide: only its tiling and extraction, then splits/training/evaluation again
+    write_cohort(tmp_path, slides)
+    (tmp_path / "config.yaml").write_text((tmp_path / "config.yaml").read_text() + extra)
+    jobs = jobs_of((r := snakemake(tmp_path, "-n", "--quiet", "rules")).stdout + r.stderr)
+    assert jobs.get("tile_slide") == 1 and jobs.get("extract_features") == 1, jobs
+    assert jobs.get("train_mil", 0) >= 1 and jobs.get("evaluate_mil", 0) >= 1, jobs
+    # another encoder for every magnification: features and models, never tiles
+    write_cohort(tmp_path, slides[:4])
+    (tmp_path / "config.yaml").write_text((tmp_path / "config.yaml").read_text() + extra.replace(
+        "features: {batch_size: 16}",
+        'features: {batch_size: 16, encoders: {"20x": "timm:resnet10t", "10x": "timm:resnet10t", "5x": "timm:resnet10t"}}'))
+    jobs = jobs_of((r := snakemake(tmp_path, "-n", "--quiet", "rules")).stdout + r.stderr)
+    assert "tile_slide" not in jobs and jobs.get("extract_features") == 4, jobs

@@ -88,6 +88,17 @@ def encoder_dir(name):
 
 
 ENCODERS = {encoder_dir(n): n for n in config["features"]["encoders"].values()}
+# Models are trained on a feature set (the encoder serving each magnification): its name keeps
+# the results of different encoder choices of one cohort apart.
+FEATURESET = (
+    next(iter(ENCODERS))
+    if len(ENCODERS) == 1
+    else "_".join(
+        f"{m}-{encoder_dir(e)}" for m, e in config["features"]["encoders"].items()
+    )
+)
+MODELS = f"{RESULTS}/models/{FEATURESET}"
+METRICS = f"{RESULTS}/metrics/{FEATURESET}"
 
 
 wildcard_constraints:
@@ -134,7 +145,7 @@ def get_final_output(wildcards=None):
         + [f"{RESULTS}/tiles/summary.tsv"]
         + get_feature_stores()
         + get_training_outputs()
-        + [f"{RESULTS}/failed_slides.tsv", f"{RESULTS}/manifest.json"]
+        + [f"{RESULTS}/failed_slides.tsv", f"{METRICS}/manifest.json"]
     )
 
 
@@ -160,7 +171,7 @@ def training_json():
 
 def get_metric_files(wildcards=None):
     return expand(
-        f"{RESULTS}/models/{{model}}/{{fold}}/metrics.json",
+        f"{MODELS}/{{model}}/{{fold}}/metrics.json",
         model=config["models"],
         fold=get_fold_names(),
     )
@@ -168,7 +179,7 @@ def get_metric_files(wildcards=None):
 
 def get_model_predictions(wildcards):
     return expand(
-        f"{RESULTS}/models/{wildcards.model}/{{fold}}/predictions.csv",
+        f"{MODELS}/{wildcards.model}/{{fold}}/predictions.csv",
         fold=get_fold_names(),
     )
 
@@ -189,12 +200,14 @@ def get_heatmap_outputs(wildcards=None):
         or config["heatmaps"]["n_auto"] + len(config["heatmaps"]["slides"]) == 0
     ):
         return []
-    return expand(f"{RESULTS}/heatmaps/{model}/{{fold}}", fold=get_fold_names())
+    return expand(
+        f"{RESULTS}/heatmaps/{FEATURESET}/{model}/{{fold}}", fold=get_fold_names()
+    )
 
 
 def get_training_outputs(wildcards=None):
     return (
-        [f"{RESULTS}/metrics/summary.tsv"]
-        + expand(f"{RESULTS}/metrics/roc_{{model}}.png", model=config["models"])
+        [f"{METRICS}/summary.tsv"]
+        + expand(f"{METRICS}/roc_{{model}}.png", model=config["models"])
         + get_heatmap_outputs()
     )

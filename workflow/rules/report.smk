@@ -24,12 +24,12 @@ rule summarize_failures:
 
 rule plot_heatmaps:
     input:
-        attention=f"{RESULTS}/models/{{model}}/{{fold}}/attention.npz",
-        predictions=f"{RESULTS}/models/{{model}}/{{fold}}/predictions.csv",
+        attention=f"{MODELS}/{{model}}/{{fold}}/attention.npz",
+        predictions=f"{MODELS}/{{model}}/{{fold}}/predictions.csv",
         tiles=get_tile_stores,
     output:
         report(
-            directory(f"{RESULTS}/heatmaps/{{model}}/{{fold}}"),
+            directory(f"{RESULTS}/heatmaps/{FEATURESET}/{{model}}/{{fold}}"),
             patterns=["{slide}.png"],
             caption="../report/heatmap.rst",
             category="Attention heatmaps",
@@ -56,7 +56,7 @@ rule write_manifest:
     input:
         sheet=get_sheet_path,
     output:
-        f"{RESULTS}/manifest.json",
+        f"{METRICS}/manifest.json",
     log:
         f"{LOGS}/write_manifest.log",
     conda:

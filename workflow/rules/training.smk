@@ -26,8 +26,8 @@ rule train_mil:
         splits=f"{RESULTS}/splits/splits.tsv",
         features=get_feature_stores,
     output:
-        checkpoint=f"{RESULTS}/models/{{model}}/{{fold}}/checkpoint.pt",
-        history=f"{RESULTS}/models/{{model}}/{{fold}}/history.tsv",
+        checkpoint=f"{MODELS}/{{model}}/{{fold}}/checkpoint.pt",
+        history=f"{MODELS}/{{model}}/{{fold}}/history.tsv",
     log:
         f"{LOGS}/train_mil/{{model}}/{{fold}}.log",
     benchmark:
@@ -53,11 +53,11 @@ rule evaluate_mil:
     input:
         sheet=get_sheet_path,
         splits=f"{RESULTS}/splits/splits.tsv",
-        checkpoint=f"{RESULTS}/models/{{model}}/{{fold}}/checkpoint.pt",
+        checkpoint=f"{MODELS}/{{model}}/{{fold}}/checkpoint.pt",
     output:
-        metrics=f"{RESULTS}/models/{{model}}/{{fold}}/metrics.json",
-        predictions=f"{RESULTS}/models/{{model}}/{{fold}}/predictions.csv",
-        attention=f"{RESULTS}/models/{{model}}/{{fold}}/attention.npz",
+        metrics=f"{MODELS}/{{model}}/{{fold}}/metrics.json",
+        predictions=f"{MODELS}/{{model}}/{{fold}}/predictions.csv",
+        attention=f"{MODELS}/{{model}}/{{fold}}/attention.npz",
     log:
         f"{LOGS}/evaluate_mil/{{model}}/{{fold}}.log",
     conda:
@@ -79,7 +79,7 @@ rule plot_roc:
         get_model_predictions,
     output:
         report(
-            f"{RESULTS}/metrics/roc_{{model}}.png",
+            f"{METRICS}/roc_{{model}}.png",
             caption="../report/roc.rst",
             category="ROC curves",
             labels={"model": "{model}"},
@@ -101,11 +101,11 @@ rule summarize_metrics:
         get_metric_files,
     output:
         table=report(
-            f"{RESULTS}/metrics/summary.tsv",
+            f"{METRICS}/summary.tsv",
             caption="../report/metrics.rst",
             category="Metrics",
         ),
-        per_fold=f"{RESULTS}/metrics/per_fold.tsv",
+        per_fold=f"{METRICS}/per_fold.tsv",
     log:
         f"{LOGS}/summarize_metrics.log",
     conda:
