@@ -42,3 +42,7 @@ rule train:
 rule tiles_summary:
     input:
         f"{RESULTS}/tiles/summary.tsv",
+
+
+onsuccess:
+    print_run_summary()

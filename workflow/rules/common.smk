@@ -211,3 +211,18 @@ def get_training_outputs(wildcards=None):
         + expand(f"{METRICS}/roc_{{model}}.png", model=config["models"])
         + get_heatmap_outputs()
     )
+
+
+def print_run_summary():
+    """After a successful run: the metrics table, failed slides, and how to build the report."""
+    summary = Path(f"{METRICS}/summary.tsv")
+    if summary.exists():
+        table = pd.read_csv(summary, sep="\t")
+        cols = ["model", "auc", "acc", "balanced_acc", "f1"] + [
+            c for c in table.columns if c.startswith("p_")
+        ]
+        print(f"\nTest metrics ({summary}):\n{table[cols].to_string(index=False)}")
+    failed = Path(f"{RESULTS}/failed_slides.tsv")
+    if failed.exists() and len(pd.read_csv(failed, sep="\t")):
+        print(f"\nFailed slides: {failed}")
+    print(f"\nHTML report: snakemake --report {RESULTS}/report.html")
