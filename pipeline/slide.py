@@ -219,21 +219,41 @@ def resolve_mpp(name: str, override: float | None, candidates: list[tuple[str, f
     raise SlideError(name, f"magnification unknown: {why}; add an 'mpp' column (µm/px) for it in the slide sheet")
 
 
+def _dicom_series_file(folder: Path) -> Path | None:
+    """One file of the folder's only DICOM WSI series; several series is an error (which one?)."""
+    import openslide
+
+    series: dict[str, Path] = {}
+    for f in sorted(folder.glob("*.dcm")):
+        try:
+            with openslide.OpenSlide(str(f)) as osr:
+                uid = osr.properties.get("dicom.SeriesInstanceUID", str(f))
+        except openslide.OpenSlideError:
+            continue  # not a whole-slide image instance (e.g. a stray non-WSI DICOM)
+        series.setdefault(uid, f)
+    if len(series) > 1:
+        files = ", ".join(p.name for p in series.values())
+        raise SlideError(folder.name, f"folder holds {len(series)} DICOM series (first files: {files}); "
+                                      "point the sheet's path at one file of the series to use")
+    return next(iter(series.values()), None)
+
+
 def _open_with_openslide(path: Path, override: float | None) -> Slide | None:
     import openslide
 
     target = path
     if path.is_dir():  # a DICOM folder: OpenSlide opens one file and finds the series' other files
-        dcm = sorted(path.glob("*.dcm"))
-        if not dcm:
+        target = _dicom_series_file(path)
+        if target is None:
             return None
-        target = dcm[0]
     try:
         osr = openslide.OpenSlide(str(target))
     except openslide.OpenSlideUnsupportedFormatError:
         return None
     except openslide.OpenSlideError as e:
-        raise SlideError(path.name, f"OpenSlide cannot open it: {e}") from e
+        if path.is_dir():
+            raise SlideError(path.name, f"OpenSlide cannot open it: {e}") from e
+        raise _Refused(str(e)) from e  # a TIFF OpenSlide cannot decode may still suit tifffile
     props = osr.properties
     vendor = props.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
 
@@ -267,14 +287,23 @@ def _open_with_openslide(path: Path, override: float | None) -> Slide | None:
     return OpenSlideSlide(osr, info)
 
 
-def _open_with_tifffile(path: Path, override: float | None) -> Slide:
+class _Refused(Exception):
+    """OpenSlide recognised the file but cannot read it (e.g. an unsupported TIFF compression)."""
+
+
+def _open_with_tifffile(path: Path, override: float | None, openslide_error: str | None = None) -> Slide:
     import tifffile
     import zarr
+
+    def refuse(e: Exception) -> SlideError:
+        if openslide_error:
+            return SlideError(path.name, f"OpenSlide cannot open it ({openslide_error}) and tifffile cannot decode it ({e})")
+        return SlideError(path.name, f"neither OpenSlide nor tifffile can open it: {e}")
 
     try:
         tif = tifffile.TiffFile(str(path))
     except Exception as e:
-        raise SlideError(path.name, f"neither OpenSlide nor tifffile can open it: {e}") from e
+        raise refuse(e) from e
     try:
         series = tif.series[0]
         page = series.pages[0]
@@ -287,6 +316,10 @@ def _open_with_tifffile(path: Path, override: float | None) -> Slide:
         res = [tags[k].value for k in ("XResolution", "YResolution") if k in tags]
         xres, yres = [(r[0] / r[1]) if isinstance(r, tuple) and r[1] else None for r in res] + [None] * (2 - len(res))
         candidates = [("tiff-resolution", _tag_mpp(unit_name, xres, yres))]
+        try:  # decode one pixel of the smallest level: an unknown codec fails here, not mid-cohort
+            np.asarray(levels[-1][:1, :1])
+        except Exception as e:
+            raise refuse(e) from e
         mpp, source = resolve_mpp(path.name, override, candidates)
     except Exception:
         tif.close()
@@ -334,7 +367,10 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     if not os.access(p, os.R_OK):
         raise SlideError(p.name, f"file not readable: {p}")
     check_brightfield(p)
-    slide = _open_with_openslide(p, mpp)
+    try:
+        slide = _open_with_openslide(p, mpp)
+    except _Refused as e:
+        return _open_with_tifffile(p, mpp, openslide_error=str(e))
     if slide is not None:
         return slide
     if p.is_dir():

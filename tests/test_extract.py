@@ -175,3 +175,27 @@ def test_cli_extract_record_failure(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "bad.svs: cannot open" in r.stderr
     r = subprocess.run(cmd + ["--record-failure"], capture_output=True, text=True)
     assert r.returncode == 0 and store_status(tmp_path / "f.zarr") == "failed"
+
+
+def test_out_of_memory_halves_the_batch(tiled, tmp_path, monkeypatch):
+    """A CUDA OOM on a big batch halves the encoder batch and goes on, same features."""
+    import torch
+
+    import pipeline.extract as ex
+
+    d, _ = tiled
+    ref = tmp_path / "ref.zarr"
+    extract_features(d / "s.zarr", ref, "resnet18_simclr", mags=["5x"], cfg=ExtractConfig(num_workers=0, batch_size=8))
+    real = ex.Encoder._run
+
+    def fake(self, x):
+        if len(x) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, x)
+
+    monkeypatch.setattr(ex.Encoder, "_run", fake)
+    out = tmp_path / "oom.zarr"
+    extract_features(d / "s.zarr", out, "resnet18_simclr", mags=["5x"], cfg=ExtractConfig(num_workers=0, batch_size=8))
+    a = read_feature_store(ref)[1]["5x"].features
+    b = read_feature_store(out)[1]["5x"].features
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)

@@ -133,3 +133,59 @@ def test_fingerprint_changes_with_content(tmp_path):
     f1 = fingerprint(a)
     write_tiff(a, tissue_image(200, 200, seed=2), tiled=False)
     assert fingerprint(a) != f1 and len(f1) == 64
+
+
+def test_dicom_folder_with_several_series_is_refused(tmp_path):
+    """OpenSlide opens the series of the file it is given; a folder must hold only one series."""
+    import shutil
+
+    pydicom = pytest.importorskip("pydicom")
+    src = shared_slide("dicom-camelyon/multiframe_camelyon_challenge_image.dcm")
+    folder = tmp_path / "two_series"
+    folder.mkdir()
+    shutil.copy(src, folder / "a.dcm")
+    d = pydicom.dcmread(folder / "a.dcm")
+    d.SeriesInstanceUID = "1.2.3.4.5"
+    d.SOPInstanceUID = "1.2.3.4.5.1"
+    d.file_meta.MediaStorageSOPInstanceUID = d.SOPInstanceUID
+    d.save_as(folder / "b.dcm")
+    with pytest.raises(SlideError, match=r"two_series: folder holds 2 DICOM series.*one file"):
+        open_slide(folder)
+    with open_slide(folder / "b.dcm") as s:  # a file picks its series
+        assert s.info.vendor == "dicom"
+    with open_slide(src.parent) as s:  # a folder with one series is fine
+        assert s.info.width == 1152
+
+
+def test_jpeg2000_tiff_read_by_tifffile(tmp_path):
+    """JPEG 2000 tiles OpenSlide's generic reader refuses are decoded by tifffile (imagecodecs)."""
+    img = tissue_image(512, 512)
+    path = tmp_path / "j2k.tif"
+    tifffile.imwrite(path, img, photometric="rgb", tile=(256, 256), compression="jpeg2000",
+                     compressionargs={"level": 95}, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    with open_slide(path) as s:
+        assert s.info.backend == "tifffile" and s.info.mpp == pytest.approx(0.5)
+        tile = s.read(128, 128, 128, 0.5)
+    assert np.abs(tile.astype(int) - img[128:256, 128:256].astype(int)).mean() < 6
+
+
+def test_huge_single_level_slide_is_read_in_bounded_blocks(tmp_path, monkeypatch):
+    """No whole-level read: every read while masking stays under max_read_pixels."""
+    from pipeline.config import TilingConfig
+    from pipeline.slide import TiffSlide
+    from pipeline.tiling import tile_slide
+
+    path = write_tiff(tmp_path / "big.tif", tissue_image(3000, 4000), mpp=0.25, tiled=False)
+    sizes = []
+    real = TiffSlide._read_level
+
+    def spy(self, level, x, y, w, h):
+        sizes.append(w * h)
+        return real(self, level, x, y, w, h)
+
+    monkeypatch.setattr(TiffSlide, "_read_level", spy)
+    cap = 300_000
+    with open_slide(path) as s:
+        res = tile_slide(s, TilingConfig(max_read_pixels=cap))
+    assert len(sizes) > 10 and max(sizes) <= cap * 1.05
+    assert len(res.tiles["20x"]) > 0
