@@ -12,6 +12,16 @@ import yaml
 from pipeline.errors import SheetError
 
 
+def checked_options(cls, d: dict[str, Any] | None, section: str) -> dict[str, Any]:
+    """`d` without None values; unknown keys of the dataclass `cls` are a clear error."""
+    d = {k: v for k, v in (d or {}).items() if v is not None}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise SheetError(f"{section}: unknown option(s) {unknown}; known: {sorted(known)}")
+    return d
+
+
 def _default_mags() -> dict[str, float]:
     return {"20x": 0.5, "10x": 1.0, "5x": 2.0}
 
@@ -51,11 +61,7 @@ class TilingConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> TilingConfig:
-        d = {k: v for k, v in (d or {}).items() if v is not None}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SheetError(f"tiling: unknown option(s) {unknown}; known: {sorted(known)}")
+        d = checked_options(cls, d, "tiling")
         if "magnifications" in d:
             mags = sorted(d["magnifications"].items(), key=lambda kv: float(kv[1]))  # finest first
             d["magnifications"] = {str(k): float(v) for k, v in mags}
