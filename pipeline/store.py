@@ -23,9 +23,10 @@ import os
 import re
 import shutil
 import socket
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -318,7 +319,10 @@ def list_arrays(path: str | Path) -> dict[str, ArrayInfo]:
     """Every array of a store by "<group>/<name>", with shape, dtype and chunk shape (metadata only)."""
     root = zarr.open_group(str(path), mode="r")
     out = {}
-    for name, node in root.members(max_depth=None):
+    with warnings.catch_warnings():  # Snakemake's `.snakemake_timestamp` in directory outputs
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        members = list(root.members(max_depth=None))
+    for name, node in members:
         if isinstance(node, zarr.Array):
             out[name] = ArrayInfo(name, tuple(int(v) for v in node.shape), np.dtype(node.dtype),
                                   tuple(int(v) for v in node.chunks))
@@ -357,17 +361,53 @@ def leftover_target(path: str | Path) -> Path | None:
     return None
 
 
-def _writer_alive(tag: str) -> bool:
-    host, _, pid = tag.rpartition("-")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # another host (or an unknown writer): assume alive, leave it alone
+def leftover_writer(path: str | Path) -> int | None:
+    """pid of the live process on this host still writing a leftover directory, else None."""
+    p = Path(path)
+    final = leftover_target(p)
+    if final is None:
+        return None
+    if p.name.endswith(".partial"):  # resumable feature store: its writer holds the lock file
+        return _flock_holder(final.with_name(f".{final.name}.lock"))
+    for marker in (".tmp-", ".old-"):
+        base, sep, tag = p.name[1:].rpartition(marker)
+        if sep and base:
+            host, _, pid = tag.rpartition("-")
+            if host == socket.gethostname() and pid.isdigit() and _pid_alive(int(pid)):
+                return int(pid)
+    return None
+
+
+def _flock_holder(lock: Path) -> int | None:
+    """pid holding a flock on `lock`, read from /proc/locks (never takes the lock itself)."""
     try:
-        os.kill(int(pid), 0)
+        st = os.stat(lock)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        f = line.split()
+        if len(f) >= 6 and f[1] == "FLOCK" and f[5] == want and f[4].isdigit():
+            return int(f[4])
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
     return True
+
+
+def _writer_alive(tag: str) -> bool:
+    host, _, pid = tag.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another host (or an unknown writer): assume alive, leave it alone
+    return _pid_alive(int(pid))
 
 
 def _remove_dead_leftovers(final: Path) -> None:
