@@ -214,13 +214,15 @@ def _metrics_args(p: argparse.ArgumentParser) -> None:
 @command("summarize-metrics", _metrics_args)
 def _summarize_metrics(args: argparse.Namespace) -> int:
     """Mean ± std over folds per model, with paired t-tests against the reference."""
+    from pipeline.atomic import atomic_path
     from pipeline.metrics import summarize
 
     per_fold, table = summarize(args.metrics, args.reference)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, sep="\t", index=False)
+    with atomic_path(args.out) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
     if args.per_fold:
-        per_fold.to_csv(args.per_fold, sep="\t", index=False)
+        with atomic_path(args.per_fold) as tmp:
+            per_fold.to_csv(tmp, sep="\t", index=False)
     cols = ["model", "auc", "acc", "balanced_acc", "f1"] + [c for c in table.columns if c.startswith("p_")]
     print(table[cols].to_string(index=False))
     return 0

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import atomic_path
 from pipeline.slide import open_slide
 
 
@@ -58,6 +59,6 @@ def render_heatmap(slide_path: str | Path, per_mag: dict[str, tuple[np.ndarray, 
         ax.axis("off")
     fig.colorbar(im, ax=axes[0].tolist(), fraction=0.025, pad=0.01, label="attention (rank within slide)")
     fig.suptitle(title, fontsize=11)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, bbox_inches="tight")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, bbox_inches="tight")
     plt.close(fig)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
+from pipeline.atomic import write_text
 
 PACKAGES = ("m2otca-pipeline", "torch", "torchvision", "timm", "numpy", "zarr", "openslide-python", "openslide-bin",
             "tifffile", "imagecodecs", "opencv-python-headless", "scikit-learn", "scipy", "snakemake", "pandas")
@@ -64,8 +65,4 @@ def build_manifest(config: dict[str, Any], sheet: str | Path, repo: str | Path,
 
 
 def write_manifest(out: str | Path, manifest: dict[str, Any]) -> None:
-    p = Path(out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    tmp.replace(p)
+    write_text(out, json.dumps(manifest, indent=2, default=str))

@@ -16,6 +16,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from pipeline.atomic import atomic_path
+
 METRICS = ("auc", "acc", "balanced_acc", "f1")
 
 
@@ -94,6 +96,6 @@ def plot_roc(prediction_files: list[str | Path], out: str | Path, title: str = "
     ax.legend(loc="lower right", fontsize=7, frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)

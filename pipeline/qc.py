@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline.atomic import atomic_path
 from pipeline.tiling import TileSet
 
 _CONTOUR = (0, 200, 0)  # RGB green: tissue outline
@@ -40,6 +41,6 @@ def qc_image(thumb: np.ndarray, mask: np.ndarray, thumb_scale: float, tiles: dic
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:
     """RGB array -> PNG (OpenCV writes BGR)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"cannot write {path}")
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"cannot write {path}")

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
+from pipeline.atomic import atomic_path
 from pipeline.errors import SheetError
 from pipeline.sheet import SlideRow
 
@@ -61,10 +62,8 @@ def make_splits(rows: list[SlideRow], k: int = 5, val_fraction: float = 0.2, see
 
 def write_splits(rows: list[SlideRow], out: str | Path, k: int = 5, val_fraction: float = 0.2, seed: int = 0) -> pd.DataFrame:
     df = make_splits(rows, k, val_fraction, seed)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_suffix(".tmp")
-    df.to_csv(tmp, sep="\t", index=False)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        df.to_csv(tmp, sep="\t", index=False)
     return df
 
 

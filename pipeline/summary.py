@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.atomic import atomic_path
 from pipeline.store import read_attrs, store_status
 
 
@@ -36,10 +37,11 @@ def summarize_stores(paths: list[str | Path]) -> pd.DataFrame:
 def write_summary(paths: list[str | Path], table: str | Path, failed: str | Path | None = None) -> pd.DataFrame:
     """Write the per-slide table and, optionally, the failed-slides table (TSV)."""
     df = summarize_stores(paths)
-    Path(table).parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(table, sep="\t", index=False)
+    with atomic_path(table) as tmp:
+        df.to_csv(tmp, sep="\t", index=False)
     if failed is not None:
         bad = df[df["status"] != "ok"][["slide_id", "stage", "error"]] if len(df) else df
         bad = bad.drop_duplicates("slide_id", keep="first")  # the earliest stage that failed
-        bad.to_csv(failed, sep="\t", index=False)
+        with atomic_path(failed) as tmp:
+            bad.to_csv(tmp, sep="\t", index=False)
     return df

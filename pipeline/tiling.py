@@ -201,4 +201,8 @@ def tile_slide(slide: Slide, cfg: TilingConfig) -> TilingResult:
 
 def write_mask_png(path: str | Path, mask: np.ndarray) -> None:
     """Mask as a black/white PNG (tissue white)."""
-    cv2.imwrite(str(path), (mask * 255).astype(np.uint8))
+    from pipeline.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), (mask * 255).astype(np.uint8)):
+            raise OSError(f"cannot write {path}")
