@@ -36,7 +36,7 @@ class ABMIL(nn.Module):
 
     def branch(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, N, D), mask (B, N) -> logits (B, C), tile attention (B, N)."""
-        h = self.proj(feats)  # (B, N, d)
+        h = self.proj(feats, mask)  # (B, N, d)
         logits, att, _ = self.head(h, mask)  # (B, C), (B, N)
         return logits, att
 
@@ -117,7 +117,7 @@ class CLAMSB(nn.Module):
         self, feats: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """-> logits (B, C), tile attention (B, N), instance loss (training with labels)."""
-        h = self.proj(feats)  # (B, N, d)
+        h = self.proj(feats, mask)  # (B, N, d)
         logits, att, _ = self.head(h, mask)  # (B, C), (B, N)
         inst = None
         if self.training and labels is not None:

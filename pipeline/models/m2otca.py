@@ -74,7 +74,7 @@ class PrototypeEncoder(nn.Module):
         valid = mask & (group >= 0)  # (B, N)
         if group.numel() and int(group.max()) >= self.m:  # a loader/model n_groups mismatch
             raise ValueError(f"group index {int(group.max())} >= n_groups={self.m}")
-        h = self.proj(feats)  # (B, N, d)
+        h = self.proj(feats, valid)  # (B, N, d)
         scores = self.attn(h)  # (B, N)
         p1, alpha, group_valid = segment_attention_pool(scores, h, group, valid, self.m)
         return p1, group_valid, alpha, valid  # (B, m, d), (B, m), (B, N), (B, N)
