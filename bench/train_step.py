@@ -7,9 +7,23 @@ At N = 10,000 / 2,500 / 625 tiles (20x / 10x / 5x), D = 512, B = 1:
 - ``attention_ms``: median time of forward + backward of a plain ABMIL gated-attention layer
   (projection, gated attention, pooling, classifier) over the same 13,125 instances;
 - ``ratio`` = step_ms / attention_ms (goal <= 1.3 on CPU);
-- ``epoch_ratio``: an epoch over a cohort read from the Zarr feature stores vs the sum of its
-  steps (goal <= 1.2). Not measured yet (needs the data loading): ``nan``; fill in
-  :func:`measure_epoch_ratio`.
+- ``epoch_ratio``: a training epoch over a 270-slide cohort read from Zarr feature stores,
+  timed end to end on the wall clock (``BagCache`` loading + ``collate`` + training steps,
+  through ``pipeline.train.train_epoch`` with its background prefetch), divided by the sum of
+  the same steps' compute alone (forward, backward, Adam; timed in a second pass over the same
+  batches in the same order, every bag already in RAM, nothing loading); goal <= 1.2. The
+  cohort comes from ``pipeline.synthbags`` (D = 512, 20-200 regions per slide, i.e. ~300-3,200
+  20x and ~400-4,100 tiles in all per slide, ~0.6 GB of float16 features in 1,024-row chunks
+  as extraction writes them), cached under ``--cohort-dir`` (the first run writes it, ~20 s).
+  The measured epoch is the FIRST one, with a cold ``BagCache``: the only epoch that reads
+  the stores (later epochs hit the RAM cache, their loading is nil by construction); the
+  stores' files are dropped from the OS page cache first (``posix_fadvise(DONTNEED)``), so
+  the reads come from disk. Cold epoch and compute-alone pass alternate ``--epoch-repeats``
+  times (fresh cache each time); the median of the pairs' ratios is printed.
+  Loading is CPU work (zarr decoding, ~20 ms per slide here), so it hides only where a core is
+  free for it: on 2 cores both busy with the step's threads, the epoch costs about (step CPU
+  + loading CPU) / 2; with ``--threads 1`` (or the steps on a GPU) the loader has its core.
+  ``--epoch-slides 0`` skips it (``nan``).
 
 The two measurements are interleaved rep by rep so machine noise hits both alike. On a
 machine shared with other jobs, multi-threaded wall times are unreliable (a descheduled
@@ -23,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -115,11 +130,95 @@ def measure_steps(
     return statistics.median(step_t), statistics.median(att_t)
 
 
-def measure_epoch_ratio() -> float:
-    """Epoch over a Zarr cohort (loading hidden) / sum of its steps. TODO once loading exists:
-    time one epoch of the real trainer over the cohort, time the same steps on cached batches,
-    return their ratio."""
-    return math.nan
+def drop_page_cache(root: Path) -> int:
+    """Ask the kernel to drop the cached pages of every file under `root` (no root needed)."""
+    n = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            try:
+                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                n += 1
+            finally:
+                os.close(fd)
+    return n
+
+
+def measure_epoch_ratio(
+    n_slides: int = 270,
+    dim: int = 512,
+    cohort_dir: str | Path = "/tmp/m2otca_bench_cohort",
+    batch_size: int = 4,
+    prefetch: int = 2,
+    seed: int = 0,
+    cfg: ModelConfig | None = None,
+    regions: tuple[int, int] = (20, 200),
+    drop_cache: bool = True,
+    repeats: int = 2,
+    verbose: bool = True,
+) -> float:
+    """First-epoch wall time over a Zarr cohort / sum of its steps' compute alone (see module doc)."""
+    import numpy as np
+
+    from pipeline.bags import cohort_cache
+    from pipeline.synthbags import SynthConfig, make_cohort
+    from pipeline.train import TrainConfig, make_optimizer, train_epoch
+
+    if n_slides <= 0:
+        return math.nan
+    cfg = cfg or ModelConfig()
+    scfg = SynthConfig(n_slides=n_slides, dim=dim, regions=regions, seed=seed)
+    start = time.perf_counter()
+    cohort = make_cohort(Path(cohort_dir) / f"{n_slides}-{dim}-{scfg.key()}", scfg)
+    gen_s = time.perf_counter() - start
+    tcfg = TrainConfig(batch_size=batch_size, seed=seed, prefetch=prefetch, model=cfg.to_dict())
+    mags = list(cohort.feature_dirs)
+
+    def fresh():
+        torch.manual_seed(seed)
+        model = create_model("m2otca", {t: dim for t in mags}, len(cohort.classes), cfg)
+        return model, make_optimizer(model, tcfg), np.random.default_rng(seed)
+
+    ratios = []
+    for rep in range(repeats):
+        cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, cfg.n_groups)  # cold
+        ids = cache.usable(cohort.slides)
+        n_dropped = drop_page_cache(cohort.feature_dir) if drop_cache else 0
+
+        # the first epoch, end to end: every bag read from its store (prefetched), padded, trained on
+        model, opt, rng = fresh()
+        in_epoch: list[float] = []
+        start = time.perf_counter()
+        train_epoch(model, opt, cache, ids, mags, batch_size, rng, prefetch, in_epoch)
+        epoch_s = time.perf_counter() - start
+
+        # the same steps' compute alone (same order, same batches, bags in RAM, nothing loading)
+        model, opt, rng = fresh()
+        alone: list[float] = []
+        train_epoch(model, opt, cache, ids, mags, batch_size, rng, 0, alone)
+        steps_s = sum(alone)
+        ratios.append(epoch_s / steps_s)
+        if verbose:
+            if rep == 0:
+                n20 = [len(cache[s].feats["20x"]) for s in ids]
+                n_all = [sum(len(f) for f in cache[s].feats.values()) for s in ids]
+                print(
+                    f"epoch cohort: {len(ids)} slides (20x tiles {min(n20)}-{max(n20)}, all tiles "
+                    f"{min(n_all)}-{max(n_all)}, mean {statistics.mean(n_all):.0f}), D={dim}, batch "
+                    f"{batch_size}, prefetch {prefetch}, torch threads {torch.get_num_threads()}; "
+                    f"written/found in {gen_s:.1f}s"
+                )
+            print(
+                f"  repeat {rep}: {n_dropped} files dropped from the page cache; first epoch "
+                f"{epoch_s:.2f}s (its steps inside it {sum(in_epoch):.2f}s), same steps alone "
+                f"{steps_s:.2f}s: ratio {ratios[-1]:.3f}",
+                flush=True,
+            )
+        del cache, model, opt
+    return statistics.median(ratios)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,6 +241,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="override the Sinkhorn tolerance (e.g. 0 to force all max_iter iterations)",
     )
+    parser.add_argument("--epoch-slides", type=int, default=270, help="slides of the epoch cohort (0: skip)")
+    parser.add_argument("--epoch-batch", type=int, default=4, help="slides per training step in the epoch")
+    parser.add_argument("--prefetch", type=int, default=2, help="batches loaded ahead (0: no background loading)")
+    parser.add_argument("--cohort-dir", default="/tmp/m2otca_bench_cohort", help="where the Zarr cohort is cached")
+    parser.add_argument("--epoch-repeats", type=int, default=2, help="cold epoch + compute-alone pairs (median)")
+    parser.add_argument("--keep-page-cache", action="store_true", help="do not drop the stores from the page cache")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,7 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     step_ms, attention_ms = measure_steps(
         args.dim, args.reps, args.warmup, args.seed, args.profile, args.clock, cfg
     )
-    epoch_ratio = measure_epoch_ratio()
+    epoch_ratio = measure_epoch_ratio(
+        args.epoch_slides, args.dim, args.cohort_dir, args.epoch_batch, args.prefetch, args.seed,
+        cfg, drop_cache=not args.keep_page_cache, repeats=args.epoch_repeats,
+    )
     print(
         f"threads={torch.get_num_threads()} clock={args.clock} tiles={sum(TILES.values())} "
         f"dim={args.dim} sinkhorn_tol={cfg.sinkhorn_tol}"

@@ -4,6 +4,7 @@ grouped for M2OTCA, padded into mini-batches with masks."""
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,6 @@ import numpy as np
 import torch
 
 from pipeline.errors import SlideError
-from pipeline.models.grouping import assign_groups
 from pipeline.store import read_attrs, read_feature_store
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,22 @@ class Bag:
     fingerprints: dict[str, str]  # mag -> tiles_sha256 of the store it came from
 
 
+def group_index(region_ref: np.ndarray, regions: dict[str, np.ndarray], m: int) -> dict[str, np.ndarray]:
+    """:func:`pipeline.models.grouping.assign_groups` in numpy, with the identical result (tested).
+
+    Bags are loaded in the trainer's prefetch thread; there each small torch op (sort,
+    bucketize) starts an OpenMP team of its own that spins for ~1 ms of CPU while the
+    training step needs those cores (~7 ms of CPU per slide on 2 cores); numpy runs in the
+    calling thread only.
+    """
+    if m < 1:
+        raise ValueError(f"number of groups must be >= 1, got {m}")
+    ref = np.sort(np.asarray(region_ref, dtype=np.int64).reshape(-1))
+    bounds = ref[np.arange(1, m) * len(ref) // m] if len(ref) else ref[:0]  # (m - 1,)
+    return {t: np.searchsorted(bounds, np.asarray(r, dtype=np.int64).reshape(-1), side="right").astype(np.int64)
+            for t, r in regions.items()}
+
+
 def load_bag(slide_id: str, stores: dict[str, Path], label: int, n_groups: int) -> Bag:
     """One slide's features at every magnification; failed tiles are dropped (masked)."""
     feats, coords, regions, fps = {}, {}, {}, {}
@@ -37,24 +53,30 @@ def load_bag(slide_id: str, stores: dict[str, Path], label: int, n_groups: int) 
         attrs, sets = read_feature_store(p, mags)
         for mag in mags:
             s = sets[mag]
-            keep = ~s.failed
-            feats[mag] = torch.from_numpy(np.ascontiguousarray(s.features[keep]))
-            coords[mag] = s.coords[keep]
-            regions[mag] = torch.from_numpy(s.region[keep].astype(np.int64))
+            if s.failed.any():
+                keep = ~s.failed
+                s.features, s.coords, s.region = s.features[keep], s.coords[keep], s.region[keep]
+            feats[mag] = torch.from_numpy(np.ascontiguousarray(s.features))
+            coords[mag] = s.coords
+            regions[mag] = s.region
             fps[mag] = attrs["tiles_sha256"]
     ref = max(stores, key=lambda m: float(m.rstrip("xX")))  # the finest magnification defines the groups
     if sum(len(f) for f in feats.values()) == 0:
         raise SlideError(slide_id, "no tiles with tissue at any magnification")
-    group = assign_groups(regions[ref], regions, n_groups)
+    group = {m: torch.from_numpy(g) for m, g in group_index(regions[ref], regions, n_groups).items()}
     return Bag(slide_id, label, feats, group, coords, fps)
 
 
 class BagCache:
-    """Bags of a cohort, loaded lazily and kept in RAM (features stay float16)."""
+    """Bags of a cohort, loaded lazily and kept in RAM (features stay float16).
+
+    Thread-safe: the trainer's prefetch thread loads bags while the main thread trains.
+    """
 
     def __init__(self, stores: dict[str, dict[str, Path]], labels: dict[str, int], n_groups: int):
         self.stores, self.labels, self.n_groups = stores, labels, n_groups
         self._bags: dict[str, Bag] = {}
+        self._lock = threading.Lock()
 
     def usable(self, slide_ids: list[str]) -> list[str]:
         """Slides whose feature stores are all finished and not failed (others are logged)."""
@@ -68,9 +90,18 @@ class BagCache:
         return ok
 
     def __getitem__(self, slide_id: str) -> Bag:
-        if slide_id not in self._bags:
-            self._bags[slide_id] = load_bag(slide_id, self.stores[slide_id], self.labels[slide_id], self.n_groups)
-        return self._bags[slide_id]
+        bag = self._bags.get(slide_id)
+        if bag is None:
+            with self._lock:  # one loader at a time; a slide is read once
+                bag = self._bags.get(slide_id)
+                if bag is None:
+                    bag = load_bag(slide_id, self.stores[slide_id], self.labels[slide_id], self.n_groups)
+                    self._bags[slide_id] = bag
+        return bag
+
+    def __contains__(self, slide_id: str) -> bool:
+        """Whether the slide is already in RAM."""
+        return slide_id in self._bags
 
     def dims(self, slide_id: str) -> dict[str, int]:
         return {m: int(f.shape[1]) for m, f in self[slide_id].feats.items()}
@@ -93,7 +124,7 @@ def collate(bags: list[Bag], mags: list[str]) -> tuple[dict, torch.Tensor]:
         g = torch.full((len(bags), n), -1, dtype=torch.long)  # (B, N)
         for i, b in enumerate(bags):
             L = len(b.feats[m])
-            f[i, :L] = b.feats[m].float()
+            f[i, :L].copy_(b.feats[m])  # float16 -> float32 in place, no temporary
             k[i, :L] = True
             g[i, :L] = b.group[m]
         feats[m], mask[m], group[m] = f, k, g

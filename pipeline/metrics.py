@@ -58,7 +58,8 @@ def summarize(metric_files: list[str | Path], reference: str = "m2otca") -> tupl
             row[f"{k}_mean"], row[f"{k}_std"] = g[k].mean(), g[k].std(ddof=1) if len(g) > 1 else 0.0
             row[k] = f"{g[k].mean():.3f} ± {row[f'{k}_std']:.3f}"
         if model != reference and len(ref):
-            both = ref.join(g.set_index("fold"), lsuffix="_ref", how="inner")
+            both = pd.merge(ref[["auc"]], g.set_index("fold")[["auc"]], left_index=True, right_index=True,
+                            how="inner", suffixes=("_ref", ""))
             a, b = both["auc_ref"].to_numpy(float), both["auc"].to_numpy(float)
             ok = np.isfinite(a) & np.isfinite(b)
             if ok.sum() >= 2 and np.any(a[ok] != b[ok]):

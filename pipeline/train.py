@@ -3,6 +3,15 @@
 Adam with weight decay, mini-batches of several slides (padded, masked), early stopping on
 validation AUC with the best checkpoint kept. Everything that decides the result (resolved
 config, seed, encoders, package version, store fingerprints) travels with the checkpoint.
+
+Loading is hidden behind compute: :func:`iter_batches` reads the next bags from the feature
+stores (first epoch) and pads them into a batch in a background thread while the model works
+on the current one. The thread draws no random numbers and builds exactly the batches the
+loop would build itself, so results do not depend on `prefetch`. Adam uses the fused kernel
+where the parameters' device has one (CPU and CUDA): one kernel instead of a dozen passes
+over the parameters (measured on CPU, 1 thread: 1.7 ms instead of 4.5 ms per step for M2OTCA
+at D = 512, 0.6 instead of 1.4 ms at D = 64, i.e. 1.5-3 % of a training step);
+deterministic, but its rounding differs from the multi-tensor Adam in the last bits (~1e-8).
 """
 
 from __future__ import annotations
@@ -12,7 +21,11 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import random
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +53,7 @@ class TrainConfig:
     weight_decay: float = 1e-4  # Adam (L2) weight decay
     batch_size: int = 4  # slides per step (padded, masked)
     seed: int = 0  # seeds python, numpy and torch
+    prefetch: int = 2  # batches loaded ahead in a background thread (0 = none); never changes results
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields
 
     @classmethod
@@ -65,13 +79,99 @@ def _batches(ids: list[str], batch_size: int, rng: np.random.Generator | None) -
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def predict(model: torch.nn.Module, cache: BagCache, ids: list[str], mags: list[str], batch_size: int) -> dict[str, Any]:
+_DONE = object()
+
+
+def iter_batches(cache: BagCache, chunks: list[list[str]], mags: list[str], prefetch: int = 2) -> Iterator[tuple[list, dict, torch.Tensor]]:
+    """(bags, batch, labels) for each chunk of slide ids, in order.
+
+    With `prefetch` > 0 a background thread loads (BagCache) and pads (collate) up to
+    `prefetch` batches ahead of the consumer; an error there is raised here, and a consumer
+    that stops early stops the thread. The batches are the same as without prefetching.
+    """
+    if prefetch <= 0 or len(chunks) <= 1:
+        for chunk in chunks:
+            bags = [cache[s] for s in chunk]
+            yield (bags, *collate(bags, mags))
+        return
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for chunk in chunks:
+                bags = [cache[s] for s in chunk]
+                if not put((bags, *collate(bags, mags))):
+                    return
+            put(_DONE)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+
+    thread = threading.Thread(target=work, name="bag-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam with (L2) weight decay; the fused kernel where the parameters' device has one."""
+    params = list(model.parameters())
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        fused = all(p.device.type in _get_fused_kernels_supported_devices() for p in params)
+    except ImportError:  # older torch
+        fused = False
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cache: BagCache, ids: list[str],
+                mags: list[str], batch_size: int, rng: np.random.Generator, prefetch: int = 2,
+                step_times: list[float] | None = None) -> list[float]:
+    """One pass over `ids` in an order drawn from `rng`; returns the loss of every step.
+
+    `step_times`, if given, receives the seconds of each step's compute alone (forward,
+    backward, optimizer step), for benchmarks.
+    """
+    model.train()
+    losses = []
+    for _, batch, labels in iter_batches(cache, _batches(ids, batch_size, rng), mags, prefetch):
+        start = time.perf_counter()
+        out = model(batch, labels=labels)
+        loss = F.cross_entropy(out["logits"], labels) + out.get("aux_loss", 0.0)  # CLAM's instance loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step_times is not None:
+            step_times.append(time.perf_counter() - start)
+    return losses
+
+
+def predict(model: torch.nn.Module, cache: BagCache, ids: list[str], mags: list[str], batch_size: int,
+            prefetch: int = 2) -> dict[str, Any]:
     """Class probabilities, branch logits and tile attention for `ids` (model in eval mode)."""
     model.eval()
     probs, branch, attn = [], {}, {}
-    for chunk in _batches(ids, batch_size, None):
-        bags = [cache[s] for s in chunk]
-        batch, _ = collate(bags, mags)
+    for bags, batch, _ in iter_batches(cache, _batches(ids, batch_size, None), mags, prefetch):
         with torch.inference_mode():
             out = model(batch)
         probs.append(torch.softmax(out["logits"].float(), -1).numpy())
@@ -96,23 +196,14 @@ def train_fold(model_name: str, cache: BagCache, train_ids: list[str], val_ids: 
     mcfg = ModelConfig.from_dict(cfg.model)
     dims = cache.dims(train_ids[0])
     model = create_model(model_name, {m: dims[m] for m in mags}, len(classes), mcfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
     rng = np.random.default_rng(cfg.seed)
-    y_val = np.array([cache[s].label for s in val_ids])
+    y_val = np.array([cache.labels[s] for s in val_ids], dtype=np.int64)  # without loading the bags
     best = (-np.inf, np.inf)  # (val AUC, val loss): higher AUC, then lower loss
     best_state, best_epoch, history, stale = None, -1, [], 0
     for epoch in range(cfg.epochs):
-        model.train()
-        losses = []
-        for chunk in _batches(train_ids, cfg.batch_size, rng):
-            batch, labels = collate([cache[s] for s in chunk], mags)
-            out = model(batch, labels=labels)
-            loss = F.cross_entropy(out["logits"], labels) + out.get("aux_loss", 0.0)  # CLAM's instance loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss))
-        val = predict(model, cache, val_ids, mags, cfg.batch_size) if val_ids else None
+        losses = train_epoch(model, opt, cache, train_ids, mags, cfg.batch_size, rng, cfg.prefetch)
+        val = predict(model, cache, val_ids, mags, cfg.batch_size, cfg.prefetch) if val_ids else None
         if val is not None and len(val_ids):
             m = classification_metrics(y_val, val["prob"], classes)
             val_loss = float(F.nll_loss(torch.log(torch.from_numpy(val["prob"]).clamp_min(1e-8)), torch.from_numpy(y_val)))
@@ -161,7 +252,7 @@ def evaluate_fold(ckpt: dict[str, Any], cache: BagCache, test_ids: list[str], ou
     model = load_model(ckpt)
     classes, mags = ckpt["classes"], ckpt["mags"]
     res = predict(model, cache, test_ids, mags, 8)
-    y = np.array([cache[s].label for s in test_ids])
+    y = np.array([cache.labels[s] for s in test_ids], dtype=np.int64)
     pred = pd.DataFrame({"slide_id": test_ids, "label": [classes[i] for i in y]})
     for c, name in enumerate(classes):
         pred[f"prob_{name}"] = res["prob"][:, c] if len(test_ids) else []
