@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import __version__
+from pipeline.atomic import atomic_path, write_text
 from pipeline.bags import BagCache, collate
 from pipeline.errors import SheetError
 from pipeline.metrics import classification_metrics
@@ -219,7 +220,6 @@ def train_fold(model_name: str, cache: BagCache, train_ids: list[str], val_ids: 
             stale += 1
             if stale >= cfg.patience and epoch + 1 >= cfg.min_epochs:
                 break
-    pd.DataFrame(history).to_csv(out_dir / "history.tsv", sep="\t", index=False)
     ckpt = {
         "model_name": model_name,
         "state_dict": best_state,
@@ -233,9 +233,11 @@ def train_fold(model_name: str, cache: BagCache, train_ids: list[str], val_ids: 
         "package_version": __version__,
         **provenance,
     }
-    tmp = out_dir / "checkpoint.pt.tmp"
-    torch.save(ckpt, tmp)
-    tmp.replace(out_dir / "checkpoint.pt")
+    # History first, checkpoint last: a checkpoint on disk always has its own history beside it.
+    with atomic_path(out_dir / "history.tsv") as tmp:
+        pd.DataFrame(history).to_csv(tmp, sep="\t", index=False)
+    with atomic_path(out_dir / "checkpoint.pt") as tmp:
+        torch.save(ckpt, tmp)
     return ckpt
 
 
@@ -261,12 +263,14 @@ def evaluate_fold(ckpt: dict[str, Any], cache: BagCache, test_ids: list[str], ou
             pred[f"logit_{t}_{name}"] = v[:, c]
     metrics = classification_metrics(y, res["prob"], classes)
     metrics.update({"model": ckpt["model_name"], "n_test": len(test_ids), "best_epoch": ckpt["best_epoch"]})
-    pred.to_csv(out_dir / "predictions.csv", index=False)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with atomic_path(out_dir / "predictions.csv") as tmp:
+        pred.to_csv(tmp, index=False)
     arrays = {}
     for sid, per_mag in res["tile_attention"].items():
         for t, a in per_mag.items():
             arrays[f"{sid}|{t}|attention"] = a
             arrays[f"{sid}|{t}|coords"] = cache[sid].coords[t]
-    np.savez_compressed(out_dir / "attention.npz", **arrays)
+    with atomic_path(out_dir / "attention.npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))  # last: marks the evaluation done
     return metrics

@@ -285,11 +285,12 @@ def test_train_and_evaluate_kill9_then_rerun_is_identical(tmp_path):
         rows.append((f"timed {frac:.2f} x {duration:.1f} s", timed(frac * duration, *train(out)), on_disk()))
         assert ckpt_state() in ("absent", "whole (= reference)"), rows[-1]
         shutil.rmtree(out, ignore_errors=True)
-    for spec, what in [("pandas:DataFrame.to_csv[history.tsv]:1:truncate", "history.tsv half-written (KNOWN: not atomic)"),
-                       ("torch:save:1:truncate", "checkpoint.pt.tmp half-written")]:
+    for spec, what in [("pandas:DataFrame.to_csv[history]:1:truncate", "history.tsv's temporary file half-written"),
+                       ("torch:save:1:truncate", "checkpoint.pt's temporary file half-written")]:
         injected(spec, *train(out))
         rows.append((f"{what} [{spec}]", "killed", on_disk()))
         assert ckpt_state() in ("absent", "whole (= reference)"), rows[-1]
+        assert state(out / "history.tsv", ref / "history.tsv") in ("absent", "whole (= reference)"), rows[-1]
     r = pipeline(*train(out))
     assert r.returncode == 0, r.stderr
     rows.append(("rerun", "exit 0", on_disk()))
@@ -313,11 +314,14 @@ def test_train_and_evaluate_kill9_then_rerun_is_identical(tmp_path):
     rows = []
     shutil.rmtree(out)
     rows.append((f"timed 0.80 x {duration:.1f} s", timed(0.8 * duration, *evaluate(out)), eval_state()))
-    for spec, what in [("pandas:DataFrame.to_csv[predictions.csv]:1:after", "predictions.csv written, metrics.json not"),
-                       ("pathlib:Path.write_text[metrics.json]:1:truncate", "metrics.json half-written (KNOWN: not atomic)")]:
+    for spec, what in [("pandas:DataFrame.to_csv[predictions]:1:after", "predictions.csv written, metrics.json not"),
+                       ("pathlib:Path.write_text[metrics]:1:truncate", "metrics.json's temporary file half-written")]:
         shutil.rmtree(out, ignore_errors=True)
         injected(spec, *evaluate(out))
         rows.append((f"{what} [{spec}]", "killed", eval_state()))
+        for o in outputs:  # never a half-written output, and no metrics.json without its predictions
+            assert state(out / o, ref / o) in ("absent", "whole (= reference)"), rows[-1]
+        assert not (out / "metrics.json").exists() or (out / "predictions.csv").exists(), rows[-1]
     r = pipeline(*evaluate(out))
     assert r.returncode == 0, r.stderr
     rows.append(("rerun", "exit 0", eval_state()))
