@@ -99,3 +99,14 @@ def test_features_and_models_rerun_only_what_changed(tmp_path):
         'features: {batch_size: 16, encoders: {"20x": "timm:resnet10t", "10x": "timm:resnet10t", "5x": "timm:resnet10t"}}'))
     jobs = jobs_of((r := snakemake(tmp_path, "-n", "--quiet", "rules")).stdout + r.stderr)
     assert "tile_slide" not in jobs and jobs.get("extract_features") == 4, jobs
+
+
+def test_lint_and_format_clean(tmp_path):
+    """`snakemake --lint` finds nothing and snakefmt would change nothing."""
+    write_cohort(tmp_path, [("cmu", shared_slide("CMU-1-Small-Region.svs"), "tumor")])
+    r = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--configfile", str(tmp_path / "config.yaml")],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "Congratulations" in r.stdout + r.stderr, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
