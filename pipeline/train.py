@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from pipeline import __version__
 from pipeline.atomic import atomic_path, write_text
 from pipeline.bags import BagCache, collate
-from pipeline.errors import SheetError
+from pipeline.config import checked_options
 from pipeline.metrics import classification_metrics
 from pipeline.models import ModelConfig, create_model
 
@@ -59,12 +59,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> TrainConfig:
-        d = {k: v for k, v in (d or {}).items() if v is not None}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SheetError(f"training: unknown option(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return cls(**checked_options(cls, d, "training"))
 
 
 def seed_everything(seed: int) -> None:
