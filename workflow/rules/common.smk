@@ -125,6 +125,12 @@ def get_weights_sha(wildcards):
     return weights_sha256(get_weights(wildcards))
 
 
+def get_loader_workers(wildcards, threads):
+    """Decoding workers: half the job's threads (decode is ~10x cheaper than a CPU encoder;
+    give extract_features more threads on GPU nodes to feed the device)."""
+    return max(1, threads // 2)
+
+
 def get_encoder_mags(wildcards):
     """Magnifications this encoder serves (an encoder per magnification is allowed)."""
     name = ENCODERS[wildcards.encoder]

@@ -24,9 +24,10 @@ rule extract_features:
         batch_size=config["features"]["batch_size"],
         on_tile_error=config["features"]["on_tile_error"],
         compile="--compile" if config["features"]["compile"] else "",
+        workers=get_loader_workers,
         version=PIPELINE_VERSION,
     shell:
         "python -m pipeline extract {input.store:q} --slide {input.slide:q} "
         "--encoder {params.encoder} {params.weights} --out {output.store:q} --mags {params.mags} "
-        "{params.mpp} --batch-size {params.batch_size} --workers {threads} "
+        "{params.mpp} --batch-size {params.batch_size} --workers {params.workers} "
         "--on-tile-error {params.on_tile_error} {params.compile} --record-failure > {log} 2>&1"
