@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import SlideError
-from pipeline.store import read_attrs, read_feature_store
+from pipeline.store import read_attrs, read_feature_store, store_status
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class BagCache:
         """Slides whose feature stores are all finished and not failed (others are logged)."""
         ok = []
         for sid in slide_ids:
-            bad = [str(p) for p in self.stores[sid].values() if _status(p) != "ok"]
+            bad = [str(p) for p in self.stores[sid].values() if store_status(p) != "ok"]
             if bad:
                 log.warning("%s: left out, feature store failed or missing: %s", sid, bad[0])
             else:
@@ -105,12 +105,6 @@ class BagCache:
 
     def dims(self, slide_id: str) -> dict[str, int]:
         return {m: int(f.shape[1]) for m, f in self[slide_id].feats.items()}
-
-
-def _status(p: Path) -> str:
-    from pipeline.store import store_status
-
-    return store_status(p)
 
 
 def collate(bags: list[Bag], mags: list[str]) -> tuple[dict, torch.Tensor]:
