@@ -20,7 +20,8 @@ At N = 10,000 / 2,500 / 625 tiles (20x / 10x / 5x), D = 512, B = 1:
   stores' files are dropped from the OS page cache first (``posix_fadvise(DONTNEED)``), so
   the reads come from disk. Cold epoch and compute-alone pass alternate ``--epoch-repeats``
   times (fresh cache each time); the median of the pairs' ratios is printed.
-  Loading is CPU work (zarr decoding, ~20 ms per slide here), so it hides only where a core is
+  Loading is CPU work (~6 ms per slide here: reading + zstd decoding through
+  ``pipeline.zarr_io``, ~4.5 ms, and padding, ~1.5 ms), so it hides fully only where a core is
   free for it: on 2 cores both busy with the step's threads, the epoch costs about (step CPU
   + loading CPU) / 2; with ``--threads 1`` (or the steps on a GPU) the loader has its core.
   ``--epoch-slides 0`` skips it (``nan``).
@@ -63,7 +64,7 @@ def make_batch(dim: int, n_groups: int, seed: int = 0) -> dict:
     }
     groups = assign_groups(regions["20x"], regions, n_groups)
     return {
-        "feats": {t: torch.randn(1, n, dim, generator=gen) for t, n in TILES.items()},
+        "feats": {t: torch.randn(1, n, dim, generator=gen).half() for t, n in TILES.items()},  # as stored
         "mask": {t: torch.ones(1, n, dtype=torch.bool) for t, n in TILES.items()},
         "group": {t: groups[t].unsqueeze(0) for t in TILES},
     }

@@ -108,20 +108,24 @@ class BagCache:
 
 
 def collate(bags: list[Bag], mags: list[str]) -> tuple[dict, torch.Tensor]:
-    """Pad bags to the longest per magnification: feats (B, N, D) float32, mask (B, N), group (B, N)."""
+    """Pad bags to the longest per magnification: feats (B, N, D) float16, mask (B, N), group (B, N).
+
+    Built in numpy: collate runs in the trainer's prefetch thread, where torch ops would start
+    a second OpenMP team competing with the training step's (see :func:`group_index`).
+    """
     feats, mask, group = {}, {}, {}
     for m in mags:
         n = max(1, max(len(b.feats[m]) for b in bags))
         d = bags[0].feats[m].shape[1]
-        f = torch.zeros(len(bags), n, d)  # (B, N, D)
-        k = torch.zeros(len(bags), n, dtype=torch.bool)  # (B, N)
-        g = torch.full((len(bags), n), -1, dtype=torch.long)  # (B, N)
+        f = np.zeros((len(bags), n, d), dtype=np.float16)  # (B, N, D), as stored (models cast)
+        k = np.zeros((len(bags), n), dtype=bool)  # (B, N)
+        g = np.full((len(bags), n), -1, dtype=np.int64)  # (B, N)
         for i, b in enumerate(bags):
             L = len(b.feats[m])
-            f[i, :L].copy_(b.feats[m])  # float16 -> float32 in place, no temporary
+            f[i, :L] = b.feats[m].numpy()
             k[i, :L] = True
-            g[i, :L] = b.group[m]
-        feats[m], mask[m], group[m] = f, k, g
+            g[i, :L] = b.group[m].numpy()
+        feats[m], mask[m], group[m] = torch.from_numpy(f), torch.from_numpy(k), torch.from_numpy(g)
     labels = torch.tensor([b.label for b in bags], dtype=torch.long)
     return {"feats": feats, "mask": mask, "group": group}, labels
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline import __version__
+from pipeline import __version__, zarr_io
 from pipeline.errors import SlideError
 from pipeline.tiling import TileSet
 
@@ -77,14 +77,18 @@ def store_status(path: str | Path) -> str:
     if not p.exists():
         return "missing"
     try:
-        attrs = dict(zarr.open_group(str(p), mode="r").attrs)
-    except Exception:
+        attrs = read_attrs(p)
+    except (OSError, ValueError):
         return "broken"
     return str(attrs.get("status", "broken"))
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
-    return dict(zarr.open_group(str(path), mode="r").attrs)
+    """Root attributes of a store (v3 keeps them in the root `zarr.json`)."""
+    meta = zarr_io.read_node_meta(path)
+    if meta.get("node_type") != "group":
+        raise ValueError(f"{path}: root is not a Zarr group")
+    return dict(meta.get("attributes", {}))
 
 
 def tiles_digest(tiles: dict[str, TileSet]) -> str:
@@ -147,28 +151,29 @@ class TileStore:
     tiles: dict[str, TileSet]
 
 
-def _require_ok(path: Path, kind: str) -> zarr.Group:
+def _require_ok(path: Path, kind: str) -> dict[str, Any]:
+    """Root attributes of a finished store of `kind`; anything else raises a SlideError."""
     status = store_status(path)
     if status == "missing":
         raise SlideError(path.stem, f"{kind} store not found: {path}")
     if status == "broken":
         raise SlideError(path.stem, f"{kind} store is unreadable: {path}")
-    root = zarr.open_group(str(path), mode="r")
+    attrs = read_attrs(path)
     if status == "failed":
-        raise SlideError(root.attrs.get("slide_id", path.stem), str(root.attrs.get("error", "failed earlier")))
-    if root.attrs.get("kind") != kind:
-        raise SlideError(path.stem, f"{path} is a {root.attrs.get('kind')} store, not a {kind} store")
-    return root
+        raise SlideError(attrs.get("slide_id", path.stem), str(attrs.get("error", "failed earlier")))
+    if attrs.get("kind") != kind:
+        raise SlideError(path.stem, f"{path} is a {attrs.get('kind')} store, not a {kind} store")
+    return attrs
 
 
 def read_tile_store(path: str | Path) -> TileStore:
     """Read a finished tile store; a failed one raises its recorded SlideError."""
-    root = _require_ok(Path(path), "tiles")
-    attrs = dict(root.attrs)
+    path = Path(path)
+    attrs = _require_ok(path, "tiles")
     tiles = {}
     for name in attrs["magnifications"]:
-        g = root[name]
-        tiles[name] = TileSet(**{k: np.asarray(g[k][...], dtype=dt) for k, dt in TILE_ARRAYS.items()})
+        tiles[name] = TileSet(**{k: np.asarray(zarr_io.read_array(path / name / k), dtype=dt)
+                                 for k, dt in TILE_ARRAYS.items()})
     return TileStore(attrs=attrs, tiles=tiles)
 
 
@@ -290,17 +295,12 @@ class FeatureStoreWriter:
 
 def read_feature_store(path: str | Path, mags: list[str] | None = None) -> tuple[dict[str, Any], dict[str, FeatureSet]]:
     """Attributes and per-magnification features of a finished feature store."""
-    root = _require_ok(Path(path), "features")
-    attrs = dict(root.attrs)
+    path = Path(path)
+    attrs = _require_ok(path, "features")
     out = {}
     for name in mags or attrs["magnifications"]:
-        g = root[name]
-        out[name] = FeatureSet(
-            features=np.asarray(g["features"][...]),
-            coords=np.asarray(g["coords"][...]),
-            region=np.asarray(g["region"][...]),
-            failed=np.asarray(g["failed"][...]),
-        )
+        out[name] = FeatureSet(**{k: zarr_io.read_array(path / name / k)
+                                  for k in ("features", "coords", "region", "failed")})
     return attrs, out
 
 

@@ -45,7 +45,11 @@ class MaskedStandardize(nn.Module):
 
 
 class FeatureProjection(nn.Module):
-    """Per-tile ``Standardize -> Linear(D, d) -> ReLU -> Dropout``."""
+    """Per-tile ``Standardize -> Linear(D, d) -> ReLU -> Dropout``.
+
+    Takes the stores' float16 features as they are (half the bytes to pad and to move to a
+    GPU) and computes in the parameters' dtype.
+    """
 
     def __init__(self, in_dim: int, d: int, dropout: float) -> None:
         super().__init__()
@@ -54,6 +58,7 @@ class FeatureProjection(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.to(self.fc.weight.dtype)  # (B, N, D)
         return self.drop(torch.relu(self.fc(self.norm(x, mask))))  # (B, N, d)
 
 

@@ -1,0 +1,92 @@
+"""A lean reader for the Zarr v3 arrays this project writes, with zarr-python as the fallback.
+
+Why: training reads every slide's feature store once per fold, in a background thread that
+competes with the training step for the same cores. zarr-python spends ~20 ms of CPU per store
+(one event-loop round trip per metadata document and per array, ~29 per store) around ~4 ms of
+actual decompression. The arrays here are all of one simple kind — regular chunk grid chunked
+along the first axis only, default `c/...` chunk keys, `bytes` (+ optional `zstd`) codecs, a
+numeric fill value — and for exactly that kind the spec's decoding is a few lines: read each
+chunk file, decompress, copy. Any other array (other codecs, sharding, 2-D chunking) is read by
+zarr-python, so the result is always the spec's (tested equal on every array the stores hold).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from numcodecs import Zstd
+
+_ZSTD = Zstd()
+
+
+def read_node_meta(path: str | Path) -> dict[str, Any]:
+    """The `zarr.json` document of a v3 group or array (raises OSError / ValueError if unreadable)."""
+    meta = json.loads((Path(path) / "zarr.json").read_bytes())
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
+        raise ValueError(f"{path}: not a Zarr v3 node")
+    return meta
+
+
+def _lean_plan(meta: dict[str, Any]) -> tuple[np.dtype, int, bool, Any] | None:
+    """(dtype, rows per chunk, zstd?, fill) when the array is of the simple kind, else None."""
+    try:
+        shape = tuple(meta["shape"])
+        chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        grid_ok = meta["chunk_grid"]["name"] == "regular" and len(chunks) == len(shape) >= 1
+        keys_ok = meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+        codecs = [c["name"] for c in meta["codecs"]]
+        endian = meta["codecs"][0].get("configuration", {}).get("endian", "little")
+        dtype = np.dtype(meta["data_type"]).newbyteorder("<" if endian == "little" else ">")
+        fill = meta["fill_value"]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    simple = (
+        grid_ok and keys_ok and chunks[1:] == shape[1:] and codecs in (["bytes"], ["bytes", "zstd"])
+        and not meta.get("storage_transformers") and dtype.kind in "biuf"
+        and isinstance(fill, (int, float, bool)) and math.isfinite(fill)
+    )
+    return (dtype, int(chunks[0]), codecs[-1] == "zstd", fill) if simple else None
+
+
+def read_array(path: str | Path) -> np.ndarray:
+    """The whole array stored at `path` (an array directory of a local Zarr v3 store)."""
+    path = Path(path)
+    meta = read_node_meta(path)
+    plan = _lean_plan(meta)
+    if plan is None:
+        return np.asarray(zarr.open_array(str(path), mode="r")[...])
+    dtype, rows, zstd, fill = plan
+    shape = tuple(int(v) for v in meta["shape"])
+    out = np.empty(shape, dtype=dtype.newbyteorder("="))
+    if out.size == 0:
+        return out
+    flat = out.reshape(shape[0], -1).view(np.uint8)  # (N, row bytes): chunks decode straight into it
+    swap = not dtype.isnative  # stored big-endian on this little-endian machine (or the reverse)
+    tail = "/0" * (len(shape) - 1)  # chunk index along the unchunked axes
+    base = os.path.join(path, "c")
+    for i, start in enumerate(range(0, shape[0], rows)):
+        stop = min(start + rows, shape[0])
+        try:
+            with open(f"{base}/{i}{tail}", "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:  # never written: all fill value
+            out[start:stop] = fill
+            continue
+        if stop - start == rows:  # a whole chunk: decode in place
+            dest = flat[start:stop].reshape(-1)
+            if zstd:
+                _ZSTD.decode(raw, out=dest)
+            else:
+                dest[:] = np.frombuffer(raw, dtype=np.uint8)
+        else:  # the edge chunk is stored whole (padded): decode, then keep its first rows
+            buf = _ZSTD.decode(raw) if zstd else raw
+            flat[start:stop] = np.frombuffer(buf, dtype=np.uint8).reshape(rows, -1)[: stop - start]
+    if swap:
+        out.byteswap(inplace=True)
+    return out

@@ -1,0 +1,72 @@
+"""The lean Zarr reader returns exactly what zarr-python returns, and hands other arrays to it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import zarr_io
+
+
+def _write(path, data, **kw):
+    arr = zarr.create_array(str(path), shape=data.shape, dtype=data.dtype, **kw)
+    if data.size:
+        arr[...] = data
+    return arr
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 300),
+    d=st.sampled_from([(), (1,), (2,), (7,)]),
+    rows=st.integers(1, 64),
+    dtype=st.sampled_from(["float16", "float32", "int32", "int64", "bool", "uint8"]),
+    zstd=st.booleans(),
+    holes=st.booleans(),
+)
+def test_lean_path_equals_zarr(tmp_path_factory, n, d, rows, dtype, zstd, holes):
+    """Random shapes, chunkings, dtypes, with/without compression, with never-written chunks."""
+    path = tmp_path_factory.mktemp("z") / "a"
+    rng = np.random.default_rng(n * 31 + rows)
+    data = (rng.random((n, *d)) * 100).astype(dtype)
+    if holes and n:
+        data[: min(n, rows)] = 0  # an all-fill chunk is not written at all
+    kw = {"chunks": (rows, *d)}
+    if not zstd:
+        kw["compressors"] = None
+    _write(path, data, fill_value=0, **kw)
+    assert zarr_io._lean_plan(zarr_io.read_node_meta(path)) is not None  # the lean path is taken
+    got = zarr_io.read_array(path)
+    want = zarr.open_array(str(path), mode="r")[...]
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"chunks": (16, 3)},  # chunked along the second axis too
+        {"chunks": (8, 6), "shards": (32, 6)},  # sharding codec
+        {"chunks": (16, 6), "compressors": zarr.codecs.BloscCodec()},  # another compressor
+        {"chunks": (16, 6), "fill_value": float("nan")},  # a fill value JSON writes as a string
+    ],
+    ids=["2d-chunks", "sharded", "blosc", "nan-fill"],
+)
+def test_other_arrays_fall_back_to_zarr(tmp_path, kw):
+    data = np.random.default_rng(0).random((50, 6)).astype("float32")
+    data[:16] = np.nan if "fill_value" in kw else data[:16]
+    _write(tmp_path / "a", data, **kw)
+    assert zarr_io._lean_plan(zarr_io.read_node_meta(tmp_path / "a")) is None
+    np.testing.assert_array_equal(zarr_io.read_array(tmp_path / "a"), data)
+
+
+def test_unreadable_metadata_raises(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(OSError):
+        zarr_io.read_node_meta(tmp_path / "a")
+    (tmp_path / "a" / "zarr.json").write_text('{"zarr_format": 2}')
+    with pytest.raises(ValueError, match="not a Zarr v3 node"):
+        zarr_io.read_node_meta(tmp_path / "a")
