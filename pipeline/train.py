@@ -16,7 +16,6 @@ deterministic, but its rounding differs from the multi-tensor Adam in the last b
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -55,6 +54,7 @@ class TrainConfig:
     batch_size: int = 4  # slides per step (padded, masked)
     seed: int = 0  # seeds python, numpy and torch
     prefetch: int = 2  # batches loaded ahead in a background thread (0 = none); never changes results
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:1, ...
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields
 
     @classmethod
@@ -67,7 +67,34 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     os.environ["PYTHONHASHSEED"] = str(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at CUDA init)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"training device {name!r} asked for, but this machine has no usable CUDA device")
+    return dev
+
+
+def to_device(batch: dict, labels: torch.Tensor, device: torch.device) -> tuple[dict, torch.Tensor]:
+    """A collated batch (dicts of per-magnification tensors) on `device`."""
+    if device.type == "cpu":
+        return batch, labels
+    moved = {k: {t: v.to(device, non_blocking=True) for t, v in part.items()} for k, part in batch.items()}
+    return moved, labels.to(device, non_blocking=True)
+
+
+def device_name(device: torch.device) -> str:
+    """E.g. "cpu" or "cuda:0 (NVIDIA H100 80GB HBM3)", for checkpoints and logs."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def _batches(ids: list[str], batch_size: int, rng: np.random.Generator | None) -> list[list[str]]:
@@ -148,9 +175,11 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cache: BagCa
     backward, optimizer step), for benchmarks.
     """
     model.train()
+    device = next(model.parameters()).device
     losses = []
     for _, batch, labels in iter_batches(cache, _batches(ids, batch_size, rng), mags, prefetch):
         start = time.perf_counter()
+        batch, labels = to_device(batch, labels, device)
         out = model(batch, labels=labels)
         loss = F.cross_entropy(out["logits"], labels) + out.get("aux_loss", 0.0)  # CLAM's instance loss
         opt.zero_grad(set_to_none=True)
@@ -166,16 +195,19 @@ def predict(model: torch.nn.Module, cache: BagCache, ids: list[str], mags: list[
             prefetch: int = 2) -> dict[str, Any]:
     """Class probabilities, branch logits and tile attention for `ids` (model in eval mode)."""
     model.eval()
+    device = next(model.parameters()).device
     probs, branch, attn = [], {}, {}
-    for bags, batch, _ in iter_batches(cache, _batches(ids, batch_size, None), mags, prefetch):
+    for bags, batch, labels in iter_batches(cache, _batches(ids, batch_size, None), mags, prefetch):
+        batch, _ = to_device(batch, labels, device)
         with torch.inference_mode():
             out = model(batch)
-        probs.append(torch.softmax(out["logits"].float(), -1).numpy())
+        probs.append(torch.softmax(out["logits"].float(), -1).cpu().numpy())
         for t, v in (out.get("branch_logits") or {}).items():
-            branch.setdefault(t, []).append(v.float().numpy())
+            branch.setdefault(t, []).append(v.float().cpu().numpy())
         for t, a in (out.get("tile_attention") or {}).items():
+            a = a.float().cpu()
             for i, b in enumerate(bags):
-                attn.setdefault(b.slide_id, {})[t] = a[i, : len(b.feats[t])].float().numpy()
+                attn.setdefault(b.slide_id, {})[t] = a[i, : len(b.feats[t])].numpy()
     return {
         "prob": np.concatenate(probs) if probs else np.zeros((0, 0)),
         "branch_logits": {t: np.concatenate(v) for t, v in branch.items()},
@@ -189,10 +221,12 @@ def train_fold(model_name: str, cache: BagCache, train_ids: list[str], val_ids: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
     mcfg = ModelConfig.from_dict(cfg.model)
     dims = cache.dims(train_ids[0])
-    model = create_model(model_name, {m: dims[m] for m in mags}, len(classes), mcfg)
+    model = create_model(model_name, {m: dims[m] for m in mags}, len(classes), mcfg).to(device)
     opt = make_optimizer(model, cfg)
+    log.info("%s: training on %s", model_name, device_name(device))
     rng = np.random.default_rng(cfg.seed)
     y_val = np.array([cache.labels[s] for s in val_ids], dtype=np.int64)  # without loading the bags
     best = (-np.inf, np.inf)  # (val AUC, val loss): higher AUC, then lower loss
@@ -210,7 +244,8 @@ def train_fold(model_name: str, cache: BagCache, train_ids: list[str], val_ids: 
         log.info("%s epoch %d: train loss %.4f, val loss %.4f, val AUC %.4f", model_name, epoch,
                  history[-1]["train_loss"], val_loss, m["auc"])
         if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
-            best, best_state, best_epoch, stale = score, copy.deepcopy(model.state_dict()), epoch, 0
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best, best_epoch, stale = score, epoch, 0
         else:
             stale += 1
             if stale >= cfg.patience and epoch + 1 >= cfg.min_epochs:
@@ -225,6 +260,7 @@ def train_fold(model_name: str, cache: BagCache, train_ids: list[str], val_ids: 
         "train_config": dataclasses.asdict(cfg),
         "model_config": dataclasses.asdict(mcfg),
         "seed": cfg.seed,
+        "device": device_name(device),  # CPU and CUDA results agree to rounding, not bit for bit
         "package_version": __version__,
         **provenance,
     }
@@ -236,17 +272,18 @@ def train_fold(model_name: str, cache: BagCache, train_ids: list[str], val_ids: 
     return ckpt
 
 
-def load_model(ckpt: dict[str, Any]) -> torch.nn.Module:
+def load_model(ckpt: dict[str, Any], device: str = "cpu") -> torch.nn.Module:
     model = create_model(ckpt["model_name"], ckpt["in_dims"], len(ckpt["classes"]), ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    return model.to(resolve_device(device)).eval()
 
 
 def evaluate_fold(ckpt: dict[str, Any], cache: BagCache, test_ids: list[str], out_dir: str | Path) -> dict[str, Any]:
     """Predictions (per-slide probabilities and branch logits), metrics and ROC data on `test_ids`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(ckpt)
+    trained_on = ckpt["train_config"].get("device", "cpu")
+    model = load_model(ckpt, "cpu" if trained_on == "cpu" else "auto")  # a GPU checkpoint evaluates anywhere
     classes, mags = ckpt["classes"], ckpt["mags"]
     res = predict(model, cache, test_ids, mags, 8)
     y = np.array([cache.labels[s] for s in test_ids], dtype=np.int64)

@@ -293,6 +293,22 @@ def test_early_stopping_keeps_best_val_auc_epoch(cohort, loaded, tmp_path):
     assert loss == pytest.approx(hist["val_loss"][best_epoch], rel=1e-5)
     for key in ("train_config", "model_config", "seed", "package_version", "in_dims", "classes", "mags"):
         assert key in ckpt
+    assert ckpt["device"] == ("cpu" if not torch.cuda.is_available() else ckpt["device"])
+    assert all(v.device.type == "cpu" for v in ckpt["state_dict"].values())  # loadable anywhere
+
+
+def test_training_device_resolution(monkeypatch):
+    from pipeline.train import resolve_device, to_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="'cuda:1' asked for, but this machine has no usable CUDA device"):
+        resolve_device("cuda:1")
+    with pytest.raises(RuntimeError):
+        resolve_device("tpu")  # not a torch device name
+    batch, labels = {"feats": {"20x": torch.zeros(1, 2, 3)}}, torch.tensor([1])
+    assert to_device(batch, labels, torch.device("cpu"))[0] is batch  # nothing copied on the CPU
+    assert to_device(batch, labels, torch.device("meta"))[0]["feats"]["20x"].device.type == "meta"
 
 
 def test_evaluate_fold_outputs(cohort, loaded, tmp_path):
