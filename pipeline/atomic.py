@@ -1,25 +1,72 @@
 """Write files under a temporary name and rename them when complete: a reader (or a rerun after
-kill -9) never sees a half-written PNG, table or checkpoint."""
+kill -9) never sees a half-written PNG, table or checkpoint.
+
+Temporary names carry the writer's host and pid (`.<stem>.tmp-<host>-<pid><suffix>`), so a
+later successful write of the same file removes what killed writers on this host left behind.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 
+def writer_tag() -> str:
+    """Host and pid of this process, in the names of its temporary files and directories."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def writer_alive(tag: str) -> bool:
+    """Whether the writer of `tag` (see :func:`writer_tag`) may still be running."""
+    host, _, pid = tag.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another host (or an unknown writer): assume alive, leave it alone
+    return pid_alive(int(pid))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path to write; it replaces `final` only if the block succeeds."""
+    """Yield a temporary sibling path to write; it replaces `final` only if the block succeeds.
+
+    The data reaches the disk (fsync) before the rename, so after a crash of the machine the
+    final name holds either the old file or the complete new one.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")  # keeps the suffix for writers that need it
+    prefix = f".{final.stem}.tmp-"
+    tmp = final.with_name(f"{prefix}{writer_tag()}{final.suffix}")  # keeps the suffix for writers that need it
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+    for old in final.parent.glob(f"{glob.escape(prefix)}*{glob.escape(final.suffix)}"):  # left by killed writers of this file
+        tag = old.name[len(prefix) : len(old.name) - len(final.suffix)]
+        if old.is_file() and not writer_alive(tag):
+            old.unlink(missing_ok=True)
 
 
 def write_text(final: str | Path, text: str) -> None:

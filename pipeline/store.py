@@ -33,6 +33,7 @@ import numpy as np
 import zarr
 
 from pipeline import __version__, zarr_io
+from pipeline.atomic import pid_alive, writer_alive, writer_tag
 from pipeline.errors import SlideError
 from pipeline.tiling import TileSet
 
@@ -45,11 +46,6 @@ def _json_safe(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def _writer_tag() -> str:
-    """Host and pid of this writer, in the names of its temporary directories."""
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished store into place, replacing an older one.
 
@@ -58,7 +54,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     host are removed, so an interrupted run leaves no garbage once a rerun completes.
     """
     if final.exists():
-        trash = final.with_name(f".{final.name}.old-{_writer_tag()}")
+        trash = final.with_name(f".{final.name}.old-{writer_tag()}")
         os.replace(final, trash)
         os.replace(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)
@@ -68,7 +64,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def _tmp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{_writer_tag()}")
+    return final.with_name(f".{final.name}.tmp-{writer_tag()}")
 
 
 def store_status(path: str | Path) -> str:
@@ -373,7 +369,7 @@ def leftover_writer(path: str | Path) -> int | None:
         base, sep, tag = p.name[1:].rpartition(marker)
         if sep and base:
             host, _, pid = tag.rpartition("-")
-            if host == socket.gethostname() and pid.isdigit() and _pid_alive(int(pid)):
+            if host == socket.gethostname() and pid.isdigit() and pid_alive(int(pid)):
                 return int(pid)
     return None
 
@@ -393,27 +389,10 @@ def _flock_holder(lock: Path) -> int | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _writer_alive(tag: str) -> bool:
-    host, _, pid = tag.rpartition("-")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # another host (or an unknown writer): assume alive, leave it alone
-    return _pid_alive(int(pid))
-
-
 def _remove_dead_leftovers(final: Path) -> None:
     """Remove `.tmp-`/`.old-` directories of `final` whose writer process is gone."""
     for marker in (".tmp-", ".old-"):
         for p in final.parent.glob(f".{final.name}{marker}*"):
             tag = p.name[len(final.name) + 1 + len(marker):]
-            if p.is_dir() and not _writer_alive(tag):
+            if p.is_dir() and not writer_alive(tag):
                 shutil.rmtree(p, ignore_errors=True)
