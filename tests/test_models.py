@@ -420,3 +420,114 @@ def test_sinkhorn_implicit_gradient_matches_unrolled_and_gradcheck():
         (cost.clone().requires_grad_(True),),
         atol=1e-6,
     )
+
+
+# ---------------------------------------------------------------- TransMIL specifics
+
+
+def _transmil_reference(branch, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TransMIL's own per-bag forward (unbatched, no masks, three PPEG convolutions).
+
+    feats (L, D), L >= 1 -> logits (C,), tile attention (L,); eval mode.
+    """
+    import math
+
+    h = branch.proj(feats[None])  # (1, L, d)
+    n_tiles, d = h.shape[1], h.shape[2]
+    s = math.ceil(math.sqrt(n_tiles))
+    h = torch.cat([h, h[:, : s * s - n_tiles]], dim=1)  # TransMIL's squaring
+    x = torch.cat([branch.cls_token, h], dim=1)  # (1, 1 + s*s, d)
+
+    def layer(lyr, x):
+        q, k, v = lyr.qkv(lyr.norm(x)).chunk(3, dim=-1)
+
+        def split(t):
+            return t.view(1, -1, 8, d // 8).transpose(1, 2)
+
+        att = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(d // 8), dim=-1)
+        return x + lyr.out((att @ split(v)).transpose(1, 2).reshape(1, -1, d)), att
+
+    x, _ = layer(branch.layer1, x)
+    g = x[:, 1:].transpose(1, 2).reshape(1, d, s, s)
+    p = branch.ppeg
+    g = g + p.proj7(g) + p.proj5(g) + p.proj3(g)
+    x = torch.cat([x[:, :1], g.flatten(2).transpose(1, 2)], dim=1)
+    x, att = layer(branch.layer2, x)
+    logits = branch.classifier(branch.norm(x)[0, 0])
+    a = att[0, :, 0, 1:].mean(0)  # (s*s,)
+    a = a / a.sum()
+    tile = a[:n_tiles].clone()
+    tile[: s * s - n_tiles] += a[n_tiles:]
+    return logits, tile
+
+
+def test_transmil_matches_per_bag_reference():
+    torch.manual_seed(0)
+    model = create_model("transmil_3", IN_DIMS, N_CLASSES, small_cfg()).eval()
+    branch = model.branches["20x"]
+    with torch.no_grad():  # fit the standardisation so it is not the identity
+        branch.proj.norm.running_mean.normal_()
+        branch.proj.norm.running_var.uniform_(0.5, 2.0)
+    gen = torch.Generator().manual_seed(7)
+    sizes = [1, 2, 3, 5, 9, 10, 17]
+    n = max(sizes) + 3
+    feats = torch.full((len(sizes), n, IN_DIMS["20x"]), 7.0)
+    mask = torch.zeros(len(sizes), n, dtype=torch.bool)
+    for b, k in enumerate(sizes):
+        rows = torch.randperm(n, generator=gen)[:k].sort().values  # real rows anywhere
+        mask[b, rows] = True
+        feats[b, rows] = torch.randn(k, IN_DIMS["20x"], generator=gen)
+    with torch.no_grad():
+        logits, att = branch.branch(feats, mask)
+        for b in range(len(sizes)):
+            ref_logits, ref_att = _transmil_reference(branch, feats[b, mask[b]])
+            torch.testing.assert_close(logits[b], ref_logits, atol=1e-5, rtol=0)
+            torch.testing.assert_close(att[b, mask[b]], ref_att, atol=1e-6, rtol=0)
+    assert (att[~mask] == 0).all()
+    torch.testing.assert_close(att.sum(1), torch.ones(len(sizes)), atol=1e-5, rtol=0)
+
+
+def test_transmil_single_tile_and_empty_magnification():
+    bags = [make_bag(8, seed=31), make_bag(1, seed=32), make_bag(4, seed=33)]
+    for t in ("10x", "5x"):  # bag 1: one 20x tile and nothing below; bag 2: nothing at 5x
+        bags[1]["feats"][t] = bags[1]["feats"][t][:0]
+        bags[1]["group"][t] = bags[1]["group"][t][:0]
+    bags[1]["feats"]["20x"] = bags[1]["feats"]["20x"][:1]
+    bags[1]["group"]["20x"] = bags[1]["group"]["20x"][:1]
+    bags[2]["feats"]["5x"] = bags[2]["feats"]["5x"][:0]
+    bags[2]["group"]["5x"] = bags[2]["group"]["5x"][:0]
+    batch = collate(bags)
+    labels = torch.tensor([0, 1, 2])
+    for name in ("abmil_3", "transmil_3"):  # same convention as ABMIL_3
+        model = build(name).train()
+        out = model(batch, labels)
+        assert torch.isfinite(out["logits"]).all(), name
+        out["logits"].sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        att = out["tile_attention"]
+        torch.testing.assert_close(att["20x"][1], torch.eye(1, att["20x"].shape[1])[0])
+        assert (att["10x"][1] == 0).all() and (att["5x"][1:] == 0).all()
+        torch.testing.assert_close(att["10x"].sum(1), torch.tensor([1.0, 0.0, 1.0]))
+
+    # a magnification with no tile in the whole batch: (B, 0, D) inputs
+    empty = {k: dict(v) for k, v in collate(bags[1:2]).items()}
+    model = build("transmil_3").eval()
+    with torch.inference_mode():
+        out = model(empty)
+    assert empty["feats"]["5x"].shape[1] == 0
+    assert torch.isfinite(out["logits"]).all() and out["tile_attention"]["5x"].shape == (1, 0)
+    # padding the single-tile bag with more masked rows changes nothing
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(collate(bags[1:2], pad_extra=7))["logits"], model(empty)["logits"]
+        )
+
+
+def test_transmil_ppeg_is_three_depthwise_convs_plus_identity():
+    torch.manual_seed(1)
+    model = create_model("transmil_3", IN_DIMS, N_CLASSES, small_cfg())
+    p = model.branches["10x"].ppeg
+    g = torch.randn(2, 32, 6, 6)
+    torch.testing.assert_close(p(g), g + p.proj7(g) + p.proj5(g) + p.proj3(g))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        create_model("transmil_3", IN_DIMS, N_CLASSES, small_cfg(d=36))

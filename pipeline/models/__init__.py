@@ -8,7 +8,9 @@
 - ``m2otca_c``: ablation M_C, OT cross-attention only;
 - ``abmil_20x`` / ``abmil_10x`` / ``abmil_5x``: gated-attention ABMIL on one magnification;
 - ``abmil_3``: one ABMIL per magnification, linear layer over the concatenated logits;
-- ``clam_sb_3``: one CLAM-SB per magnification, same fusion.
+- ``clam_sb_3``: one CLAM-SB per magnification, same fusion;
+- ``transmil_3``: one TransMIL per magnification (exact attention instead of Nystrom), same
+  fusion.
 
 Every model takes ``forward(batch, labels=None)`` with ``batch["feats"][t]`` (B, N_t, D_t),
 ``batch["mask"][t]`` (B, N_t) bool and ``batch["group"][t]`` (B, N_t) long (-1 = padding),
@@ -28,6 +30,7 @@ from .config import ModelConfig
 from .grouping import assign_groups
 from .m2otca import M2OTCA
 from .ot import sinkhorn
+from .transmil import TransMIL, TransMIL3
 
 # name -> (use_ot, use_grad) for the M2OTCA family
 _M2OTCA_VARIANTS = {
@@ -38,7 +41,13 @@ _M2OTCA_VARIANTS = {
 }
 _ABMIL_SINGLE = {"abmil_20x": "20x", "abmil_10x": "10x", "abmil_5x": "5x"}
 
-MODEL_NAMES: tuple[str, ...] = (*_M2OTCA_VARIANTS, *_ABMIL_SINGLE, "abmil_3", "clam_sb_3")
+MODEL_NAMES: tuple[str, ...] = (
+    *_M2OTCA_VARIANTS,
+    *_ABMIL_SINGLE,
+    "abmil_3",
+    "clam_sb_3",
+    "transmil_3",
+)
 
 
 def create_model(
@@ -62,6 +71,8 @@ def create_model(
         return ABMIL3(dict(in_dims), n_classes, cfg)
     if name == "clam_sb_3":
         return CLAMSB3(dict(in_dims), n_classes, cfg)
+    if name == "transmil_3":
+        return TransMIL3(dict(in_dims), n_classes, cfg)
     raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
 
 
@@ -75,4 +86,6 @@ __all__ = [
     "ABMIL",
     "ABMIL3",
     "CLAMSB3",
+    "TransMIL",
+    "TransMIL3",
 ]
