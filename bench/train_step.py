@@ -20,9 +20,9 @@ At N = 10,000 / 2,500 / 625 tiles (20x / 10x / 5x), D = 512, B = 1:
   stores' files are dropped from the OS page cache first (``posix_fadvise(DONTNEED)``), so
   the reads come from disk. Cold epoch and compute-alone pass alternate ``--epoch-repeats``
   times (fresh cache each time); the median of the pairs' ratios is printed.
-  Loading is CPU work (~6 ms per slide here: reading + zstd decoding through
-  ``pipeline.zarr_io``, ~4.5 ms, and padding, ~1.5 ms), so it hides fully only where a core is
-  free for it: on 2 cores both busy with the step's threads, the epoch costs about (step CPU
+  Loading is CPU work (~3.5 ms per slide here: reading + Blosc-LZ4 decoding through
+  ``pipeline.zarr_io``, ~2.9 ms, and float16 padding, ~0.7 ms) plus disk latency, so it hides
+  fully only where a core is free for it: on 2 cores both busy with the step's threads, the epoch costs about (step CPU
   + loading CPU) / 2; with ``--threads 1`` (or the steps on a GPU) the loader has its core.
   ``--epoch-slides 0`` skips it (``nan``).
 
@@ -165,6 +165,7 @@ def measure_epoch_ratio(
     import numpy as np
 
     from pipeline.bags import cohort_cache
+    from pipeline.store import FEATURE_CODEC
     from pipeline.synthbags import SynthConfig, make_cohort
     from pipeline.train import TrainConfig, make_optimizer, train_epoch
 
@@ -173,7 +174,8 @@ def measure_epoch_ratio(
     cfg = cfg or ModelConfig()
     scfg = SynthConfig(n_slides=n_slides, dim=dim, regions=regions, seed=seed)
     start = time.perf_counter()
-    cohort = make_cohort(Path(cohort_dir) / f"{n_slides}-{dim}-{scfg.key()}", scfg)
+    codec = FEATURE_CODEC.to_dict()["configuration"]  # stores written with another codec are not reused
+    cohort = make_cohort(Path(cohort_dir) / f"{n_slides}-{dim}-{scfg.key()}-{codec['cname']}", scfg)
     gen_s = time.perf_counter() - start
     tcfg = TrainConfig(batch_size=batch_size, seed=seed, prefetch=prefetch, model=cfg.to_dict())
     mags = list(cohort.feature_dirs)

@@ -39,6 +39,10 @@ from pipeline.tiling import TileSet
 
 LAYOUT_VERSION = 1
 TILE_ARRAYS = {"coords": np.int64, "grid": np.int32, "tissue": np.float32, "region": np.int32, "parent": np.int64}
+# Features: LZ4 on bit-shuffled float16 (Blosc). On the demo's ResNet-18 features: 0.63 of the raw
+# bytes (zstd: 0.69) and decodes ~3x faster (2.3 vs 0.7 GB/s, one core): training reads every
+# store once per fold while the model computes.
+FEATURE_CODEC = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 _PROGRESS = "progress.json"  # inside a partial feature store: rows completed per magnification
 
 
@@ -247,7 +251,8 @@ class FeatureStoreWriter:
         for name, ts in tiles.items():
             n, d = len(ts), dims[name]
             rows = max(1, min(self.chunk_rows, n))
-            root.create_array(f"{name}/features", shape=(n, d), dtype=np.float16, chunks=(rows, d))
+            root.create_array(f"{name}/features", shape=(n, d), dtype=np.float16, chunks=(rows, d),
+                              compressors=FEATURE_CODEC)
             root.create_array(f"{name}/failed", shape=(n,), dtype=bool, chunks=(rows,))
             for key in ("coords", "region"):
                 data = np.asarray(getattr(ts, key), dtype=TILE_ARRAYS[key])

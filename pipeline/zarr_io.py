@@ -4,8 +4,8 @@ Why: training reads every slide's feature store once per fold, in a background t
 competes with the training step for the same cores. zarr-python spends ~20 ms of CPU per store
 (one event-loop round trip per metadata document and per array, ~29 per store) around ~4 ms of
 actual decompression. The arrays here are all of one simple kind — regular chunk grid chunked
-along the first axis only, default `c/...` chunk keys, `bytes` (+ optional `zstd`) codecs, a
-numeric fill value — and for exactly that kind the spec's decoding is a few lines: read each
+along the first axis only, default `c/...` chunk keys, `bytes` (+ optional `zstd` or `blosc`)
+codecs, a numeric fill value — and for exactly that kind the spec's decoding is a few lines: read each
 chunk file, decompress, copy. Any other array (other codecs, sharding, 2-D chunking) is read by
 zarr-python, so the result is always the spec's (tested equal on every array the stores hold).
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from numcodecs import Zstd
+from numcodecs import Zstd, blosc
 
 _ZSTD = Zstd()
 
@@ -33,8 +33,8 @@ def read_node_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _lean_plan(meta: dict[str, Any]) -> tuple[np.dtype, int, bool, Any] | None:
-    """(dtype, rows per chunk, zstd?, fill) when the array is of the simple kind, else None."""
+def _lean_plan(meta: dict[str, Any]) -> tuple[np.dtype, int, str | None, Any] | None:
+    """(dtype, rows per chunk, compressor name or None, fill) when the array is of the simple kind."""
     try:
         shape = tuple(meta["shape"])
         chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
@@ -47,11 +47,22 @@ def _lean_plan(meta: dict[str, Any]) -> tuple[np.dtype, int, bool, Any] | None:
     except (KeyError, TypeError, ValueError, IndexError):
         return None
     simple = (
-        grid_ok and keys_ok and chunks[1:] == shape[1:] and codecs in (["bytes"], ["bytes", "zstd"])
+        grid_ok and keys_ok and chunks[1:] == shape[1:] and codecs[0] == "bytes" and len(codecs) <= 2
+        and set(codecs[1:]) <= {"zstd", "blosc"}
         and not meta.get("storage_transformers") and dtype.kind in "biuf"
         and isinstance(fill, (int, float, bool)) and math.isfinite(fill)
     )
-    return (dtype, int(chunks[0]), codecs[-1] == "zstd", fill) if simple else None
+    return (dtype, int(chunks[0]), codecs[1] if len(codecs) == 2 else None, fill) if simple else None
+
+
+def _decode(codec: str | None, raw: bytes, dest: np.ndarray) -> None:
+    """Decode one chunk's bytes into `dest` (uint8, exactly the chunk's size)."""
+    if codec == "zstd":
+        _ZSTD.decode(raw, out=dest)
+    elif codec == "blosc":  # the Blosc header carries typesize and shuffle; one thread off the main thread
+        blosc.decompress(raw, dest)
+    else:
+        dest[:] = np.frombuffer(raw, dtype=np.uint8)
 
 
 def read_array(path: str | Path) -> np.ndarray:
@@ -61,7 +72,7 @@ def read_array(path: str | Path) -> np.ndarray:
     plan = _lean_plan(meta)
     if plan is None:
         return np.asarray(zarr.open_array(str(path), mode="r")[...])
-    dtype, rows, zstd, fill = plan
+    dtype, rows, codec, fill = plan
     shape = tuple(int(v) for v in meta["shape"])
     out = np.empty(shape, dtype=dtype.newbyteorder("="))
     if out.size == 0:
@@ -79,14 +90,11 @@ def read_array(path: str | Path) -> np.ndarray:
             out[start:stop] = fill
             continue
         if stop - start == rows:  # a whole chunk: decode in place
-            dest = flat[start:stop].reshape(-1)
-            if zstd:
-                _ZSTD.decode(raw, out=dest)
-            else:
-                dest[:] = np.frombuffer(raw, dtype=np.uint8)
+            _decode(codec, raw, flat[start:stop].reshape(-1))
         else:  # the edge chunk is stored whole (padded): decode, then keep its first rows
-            buf = _ZSTD.decode(raw) if zstd else raw
-            flat[start:stop] = np.frombuffer(buf, dtype=np.uint8).reshape(rows, -1)[: stop - start]
+            buf = np.empty(rows * flat.shape[1], dtype=np.uint8)
+            _decode(codec, raw, buf)
+            flat[start:stop] = buf.reshape(rows, -1)[: stop - start]
     if swap:
         out.byteswap(inplace=True)
     return out

@@ -24,19 +24,22 @@ def _write(path, data, **kw):
     d=st.sampled_from([(), (1,), (2,), (7,)]),
     rows=st.integers(1, 64),
     dtype=st.sampled_from(["float16", "float32", "int32", "int64", "bool", "uint8"]),
-    zstd=st.booleans(),
+    codec=st.sampled_from(["none", "zstd", "blosc-lz4-bitshuffle", "blosc-zstd-shuffle"]),
     holes=st.booleans(),
 )
-def test_lean_path_equals_zarr(tmp_path_factory, n, d, rows, dtype, zstd, holes):
-    """Random shapes, chunkings, dtypes, with/without compression, with never-written chunks."""
+def test_lean_path_equals_zarr(tmp_path_factory, n, d, rows, dtype, codec, holes):
+    """Random shapes, chunkings, dtypes and codecs, with never-written chunks."""
     path = tmp_path_factory.mktemp("z") / "a"
     rng = np.random.default_rng(n * 31 + rows)
     data = (rng.random((n, *d)) * 100).astype(dtype)
     if holes and n:
         data[: min(n, rows)] = 0  # an all-fill chunk is not written at all
-    kw = {"chunks": (rows, *d)}
-    if not zstd:
-        kw["compressors"] = None
+    kw = {"chunks": (rows, *d), "compressors": {
+        "none": None,
+        "zstd": zarr.codecs.ZstdCodec(),
+        "blosc-lz4-bitshuffle": zarr.codecs.BloscCodec(cname="lz4", shuffle="bitshuffle"),
+        "blosc-zstd-shuffle": zarr.codecs.BloscCodec(cname="zstd", shuffle="shuffle"),
+    }[codec]}
     _write(path, data, fill_value=0, **kw)
     assert zarr_io._lean_plan(zarr_io.read_node_meta(path)) is not None  # the lean path is taken
     got = zarr_io.read_array(path)
@@ -50,10 +53,10 @@ def test_lean_path_equals_zarr(tmp_path_factory, n, d, rows, dtype, zstd, holes)
     [
         {"chunks": (16, 3)},  # chunked along the second axis too
         {"chunks": (8, 6), "shards": (32, 6)},  # sharding codec
-        {"chunks": (16, 6), "compressors": zarr.codecs.BloscCodec()},  # another compressor
+        {"chunks": (16, 6), "compressors": zarr.codecs.GzipCodec()},  # another compressor
         {"chunks": (16, 6), "fill_value": float("nan")},  # a fill value JSON writes as a string
     ],
-    ids=["2d-chunks", "sharded", "blosc", "nan-fill"],
+    ids=["2d-chunks", "sharded", "gzip", "nan-fill"],
 )
 def test_other_arrays_fall_back_to_zarr(tmp_path, kw):
     data = np.random.default_rng(0).random((50, 6)).astype("float32")
@@ -70,3 +73,29 @@ def test_unreadable_metadata_raises(tmp_path):
     (tmp_path / "a" / "zarr.json").write_text('{"zarr_format": 2}')
     with pytest.raises(ValueError, match="not a Zarr v3 node"):
         zarr_io.read_node_meta(tmp_path / "a")
+
+
+def test_feature_store_read_equals_zarr_python(tmp_path):
+    """A store as extraction writes it (Blosc-LZ4 features, an uneven last chunk, a failed tile)."""
+    from pipeline.store import FeatureStoreWriter, read_feature_store
+    from pipeline.tiling import TileSet
+
+    n, dim = 37, 8
+    tiles = {"20x": TileSet(coords=np.arange(2 * n).reshape(n, 2), grid=np.zeros((n, 2), np.int32),
+                            tissue=np.ones(n, np.float32), region=np.arange(n, dtype=np.int32) // 4,
+                            parent=np.full(n, -1))}
+    feats = np.random.default_rng(1).standard_normal((n, dim)).astype(np.float16)
+    failed = np.zeros(n, bool)
+    failed[5] = True
+    w = FeatureStoreWriter(tmp_path / "s.zarr", tiles, {"20x": dim}, {"encoder": "x", "tiles_sha256": "t"}, chunk_rows=16)
+    for start in range(0, n, 16):
+        w.write("20x", start, feats[start : start + 16], failed[start : start + 16])
+    w.finalize()
+    meta = zarr_io.read_node_meta(tmp_path / "s.zarr" / "20x" / "features")
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc"]
+    _, sets = read_feature_store(tmp_path / "s.zarr")
+    ref = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["20x"]
+    for key in ("features", "coords", "region", "failed"):
+        np.testing.assert_array_equal(getattr(sets["20x"], key), ref[key][...])
+    np.testing.assert_array_equal(sets["20x"].features, feats)
+    assert sets["20x"].failed.tolist() == failed.tolist()
