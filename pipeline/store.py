@@ -153,14 +153,17 @@ class TileStore:
 
 def _require_ok(path: Path, kind: str) -> dict[str, Any]:
     """Root attributes of a finished store of `kind`; anything else raises a SlideError."""
-    status = store_status(path)
-    if status == "missing":
+    if not path.exists():
         raise SlideError(path.stem, f"{kind} store not found: {path}")
-    if status == "broken":
-        raise SlideError(path.stem, f"{kind} store is unreadable: {path}")
-    attrs = read_attrs(path)
+    try:
+        attrs = read_attrs(path)
+    except (OSError, ValueError):
+        raise SlideError(path.stem, f"{kind} store is unreadable: {path}") from None
+    status = attrs.get("status", "broken")
     if status == "failed":
         raise SlideError(attrs.get("slide_id", path.stem), str(attrs.get("error", "failed earlier")))
+    if status != "ok":
+        raise SlideError(path.stem, f"{kind} store is unreadable: {path}")
     if attrs.get("kind") != kind:
         raise SlideError(path.stem, f"{path} is a {attrs.get('kind')} store, not a {kind} store")
     return attrs
