@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import ModelConfig, order_magnifications
-from .layers import AttentionHead, FeatureProjection
+from .layers import AttentionHead, FeatureProjection, LateFusion
 
 
 class ABMIL(nn.Module):
@@ -50,29 +50,11 @@ class ABMIL(nn.Module):
         }
 
 
-class ABMIL3(nn.Module):
+class ABMIL3(LateFusion):
     """One ABMIL branch per magnification; linear layer over the concatenated branch logits."""
 
     def __init__(self, in_dims: dict[str, int], n_classes: int, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.mags = order_magnifications(in_dims)
-        self.branches = nn.ModuleDict({t: ABMIL(in_dims[t], n_classes, cfg, t) for t in self.mags})
-        self.fuse = nn.Linear(len(self.mags) * n_classes, n_classes)
-
-    def forward(self, batch: dict, labels: torch.Tensor | None = None) -> dict:
-        branch_logits, tile_att = {}, {}
-        for t in self.mags:
-            y, att = self.branches[t].branch(
-                batch["feats"][t], batch["mask"][t]
-            )  # (B, C), (B, N_t)
-            branch_logits[t], tile_att[t] = y, att
-        logits = self.fuse(torch.cat([branch_logits[t] for t in self.mags], dim=-1))  # (B, C)
-        return {
-            "logits": logits,
-            "branch_logits": branch_logits,
-            "tile_attention": tile_att,
-            "proto_attention": {},
-        }
+        super().__init__(in_dims, n_classes, cfg, ABMIL)
 
 
 class CLAMSB(nn.Module):

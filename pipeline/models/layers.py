@@ -6,8 +6,12 @@ prototypes) attended over, m groups, C classes. Masks are bool, True = real item
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from .config import ModelConfig, order_magnifications
 
 
 class MaskedStandardize(nn.Module):
@@ -134,3 +138,31 @@ class AttentionHead(nn.Module):
         att = masked_softmax(self.attn(h), mask)  # (B, K)
         z = torch.bmm(att.unsqueeze(1), h).squeeze(1)  # (B, d)
         return self.classifier(z), att, z  # (B, C), (B, K), (B, d)
+
+
+class LateFusion(nn.Module):
+    """One branch per magnification, bag logits = a linear layer over ``[y_20; y_10; y_5]``.
+
+    ``branch(in_dim, n_classes, cfg, mag)`` builds a module with ``.branch(feats (B, N, D),
+    mask (B, N)) -> (logits (B, C), tile attention (B, N))`` (ABMIL_3, TransMIL_3).
+    """
+
+    def __init__(self, in_dims: dict[str, int], n_classes: int, cfg: ModelConfig,
+                 branch: Callable[..., nn.Module]) -> None:
+        super().__init__()
+        self.mags = order_magnifications(in_dims)
+        self.branches = nn.ModuleDict({t: branch(in_dims[t], n_classes, cfg, t) for t in self.mags})
+        self.fuse = nn.Linear(len(self.mags) * n_classes, n_classes)
+
+    def forward(self, batch: dict, labels: torch.Tensor | None = None) -> dict:
+        branch_logits, tile_att = {}, {}
+        for t in self.mags:
+            y, att = self.branches[t].branch(batch["feats"][t], batch["mask"][t])
+            branch_logits[t], tile_att[t] = y, att  # (B, C), (B, N_t)
+        logits = self.fuse(torch.cat([branch_logits[t] for t in self.mags], dim=-1))  # (B, C)
+        return {
+            "logits": logits,
+            "branch_logits": branch_logits,
+            "tile_attention": tile_att,
+            "proto_attention": {},
+        }

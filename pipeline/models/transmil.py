@@ -50,8 +50,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ModelConfig, order_magnifications
-from .layers import FeatureProjection
+from .config import ModelConfig
+from .layers import FeatureProjection, LateFusion
 
 HEADS = 8  # TransMIL: 8 heads of d / 8 dims
 ATTN_DROPOUT = 0.1  # TransMIL: dropout after the attention output projection
@@ -199,26 +199,8 @@ class TransMIL(nn.Module):
         return logits, tile_att
 
 
-class TransMIL3(nn.Module):
+class TransMIL3(LateFusion):
     """One TransMIL branch per magnification; linear layer over the concatenated logits."""
 
     def __init__(self, in_dims: dict[str, int], n_classes: int, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.mags = order_magnifications(in_dims)
-        self.branches = nn.ModuleDict(
-            {t: TransMIL(in_dims[t], n_classes, cfg, t) for t in self.mags}
-        )
-        self.fuse = nn.Linear(len(self.mags) * n_classes, n_classes)
-
-    def forward(self, batch: dict, labels: torch.Tensor | None = None) -> dict:
-        branch_logits, tile_att = {}, {}
-        for t in self.mags:
-            y, att = self.branches[t].branch(batch["feats"][t], batch["mask"][t])
-            branch_logits[t], tile_att[t] = y, att  # (B, C), (B, N_t)
-        logits = self.fuse(torch.cat([branch_logits[t] for t in self.mags], dim=-1))  # (B, C)
-        return {
-            "logits": logits,
-            "branch_logits": branch_logits,
-            "tile_attention": tile_att,
-            "proto_attention": {},
-        }
+        super().__init__(in_dims, n_classes, cfg, TransMIL)
