@@ -99,3 +99,14 @@ def test_feature_store_read_equals_zarr_python(tmp_path):
         np.testing.assert_array_equal(getattr(sets["20x"], key), ref[key][...])
     np.testing.assert_array_equal(sets["20x"].features, feats)
     assert sets["20x"].failed.tolist() == failed.tolist()
+
+
+def test_big_endian_arrays_read_by_the_lean_path(tmp_path):
+    data = np.arange(60, dtype="float32").reshape(20, 3) / 7
+    arr = zarr.create_array(str(tmp_path / "a"), shape=data.shape, dtype=data.dtype, chunks=(8, 3),
+                            serializer=zarr.codecs.BytesCodec(endian="big"))
+    arr[...] = data
+    assert zarr_io._lean_plan(zarr_io.read_node_meta(tmp_path / "a")) is not None
+    got = zarr_io.read_array(tmp_path / "a")
+    assert got.dtype.isnative
+    np.testing.assert_array_equal(got, data)
