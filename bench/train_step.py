@@ -31,6 +31,7 @@ machine shared with other jobs, multi-threaded wall times are unreliable (a desc
 OpenMP thread stalls every parallel op, and M2OTCA has more ops than the plain layer): use
 ``--threads 1 --clock cpu`` there. Random features make Sinkhorn converge in a few
 iterations; ``--sinkhorn-tol 0`` forces all ``sinkhorn_max_iter`` iterations (worst case).
+``--device cuda`` runs the steps (and the epoch's model) on a GPU; loading stays on the CPU.
 The last line printed is ``step_ms=<x> attention_ms=<x> ratio=<x> epoch_ratio=<x>``.
 """
 
@@ -81,27 +82,33 @@ def measure_steps(
     profile: bool = False,
     clock: str = "wall",
     cfg: ModelConfig | None = None,
+    device: str = "cpu",
 ) -> tuple[float, float]:
     """Median ms of an M2OTCA training step and of a plain gated-attention forward+backward."""
     torch.manual_seed(seed)
     cfg = cfg or ModelConfig()
     now = CLOCKS[clock]
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def time_ms(fn) -> float:
+        sync()
         start = now()
         fn()
+        sync()
         return (now() - start) * 1e3
 
     in_dims = {t: dim for t in TILES}
     batch = make_batch(dim, cfg.n_groups, seed)
-    labels = torch.tensor([1])
+    batch = {k: {t: v.to(dev) for t, v in part.items()} for k, part in batch.items()}
+    labels = torch.tensor([1], device=dev)
 
-    model = create_model("m2otca", in_dims, 2, cfg).train()
+    model = create_model("m2otca", in_dims, 2, cfg).train().to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
 
-    baseline = ABMIL(dim, 2, cfg, "all").train()
+    baseline = ABMIL(dim, 2, cfg, "all").train().to(dev)
     all_feats = torch.cat([batch["feats"][t] for t in TILES], dim=1)  # (1, 13125, D)
-    all_mask = torch.ones(all_feats.shape[:2], dtype=torch.bool)  # (1, 13125)
+    all_mask = torch.ones(all_feats.shape[:2], dtype=torch.bool, device=dev)  # (1, 13125)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -160,6 +167,7 @@ def measure_epoch_ratio(
     drop_cache: bool = True,
     repeats: int = 2,
     verbose: bool = True,
+    device: str = "cpu",
 ) -> float:
     """First-epoch wall time over a Zarr cohort / sum of its steps' compute alone (see module doc)."""
     import numpy as np
@@ -182,7 +190,7 @@ def measure_epoch_ratio(
 
     def fresh():
         torch.manual_seed(seed)
-        model = create_model("m2otca", {t: dim for t in mags}, len(cohort.classes), cfg)
+        model = create_model("m2otca", {t: dim for t in mags}, len(cohort.classes), cfg).to(device)
         return model, make_optimizer(model, tcfg), np.random.default_rng(seed)
 
     ratios = []
@@ -250,20 +258,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cohort-dir", default="/tmp/m2otca_bench_cohort", help="where the Zarr cohort is cached")
     parser.add_argument("--epoch-repeats", type=int, default=2, help="cold epoch + compute-alone pairs (median)")
     parser.add_argument("--keep-page-cache", action="store_true", help="do not drop the stores from the page cache")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (where the steps run)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ModelConfig.from_dict({"sinkhorn_tol": args.sinkhorn_tol})
 
     step_ms, attention_ms = measure_steps(
-        args.dim, args.reps, args.warmup, args.seed, args.profile, args.clock, cfg
+        args.dim, args.reps, args.warmup, args.seed, args.profile, args.clock, cfg, args.device
     )
     epoch_ratio = measure_epoch_ratio(
         args.epoch_slides, args.dim, args.cohort_dir, args.epoch_batch, args.prefetch, args.seed,
-        cfg, drop_cache=not args.keep_page_cache, repeats=args.epoch_repeats,
+        cfg, drop_cache=not args.keep_page_cache, repeats=args.epoch_repeats, device=args.device,
     )
     print(
-        f"threads={torch.get_num_threads()} clock={args.clock} tiles={sum(TILES.values())} "
+        f"device={args.device} threads={torch.get_num_threads()} clock={args.clock} tiles={sum(TILES.values())} "
         f"dim={args.dim} sinkhorn_tol={cfg.sinkhorn_tol}"
     )
     print(
