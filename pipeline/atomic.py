@@ -30,12 +30,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def writer_alive(tag: str) -> bool:
-    """Whether the writer of `tag` (see :func:`writer_tag`) may still be running."""
+def local_pid(tag: str) -> int | None:
+    """The pid in a writer tag (see :func:`writer_tag`) from this host; None for another host."""
     host, _, pid = tag.rpartition("-")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # another host (or an unknown writer): assume alive, leave it alone
-    return pid_alive(int(pid))
+    return int(pid) if host == socket.gethostname() and pid.isdigit() else None
+
+
+def writer_alive(tag: str) -> bool:
+    """Whether the writer of `tag` may still be running (another host's or an unknown one: yes)."""
+    pid = local_pid(tag)
+    return pid is None or pid_alive(pid)
 
 
 def _fsync(path: Path) -> None:

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import numpy as np
 import zarr
 
 from pipeline import __version__, zarr_io
-from pipeline.atomic import pid_alive, writer_alive, writer_tag
+from pipeline.atomic import local_pid, pid_alive, writer_alive, writer_tag
 from pipeline.errors import SlideError
 from pipeline.tiling import TileSet
 
@@ -71,16 +70,22 @@ def _tmp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{writer_tag()}")
 
 
-def store_status(path: str | Path) -> str:
-    """"ok", "failed", "missing" or "broken" (unreadable root metadata)."""
+def store_state(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """(status, root attributes): status "ok", "failed", "missing" or "broken" (unreadable root
+    metadata; attributes {} then), read in one go for callers that need both."""
     p = Path(path)
     if not p.exists():
-        return "missing"
+        return "missing", {}
     try:
         attrs = read_attrs(p)
     except (OSError, ValueError):
-        return "broken"
-    return str(attrs.get("status", "broken"))
+        return "broken", {}
+    return str(attrs.get("status", "broken")), attrs
+
+
+def store_status(path: str | Path) -> str:
+    """"ok", "failed", "missing" or "broken" (unreadable root metadata)."""
+    return store_state(path)[0]
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
@@ -153,13 +158,9 @@ class TileStore:
 
 def _require_ok(path: Path, kind: str) -> dict[str, Any]:
     """Root attributes of a finished store of `kind`; anything else raises a SlideError."""
-    if not path.exists():
+    status, attrs = store_state(path)
+    if status == "missing":
         raise SlideError(path.stem, f"{kind} store not found: {path}")
-    try:
-        attrs = read_attrs(path)
-    except (OSError, ValueError):
-        raise SlideError(path.stem, f"{kind} store is unreadable: {path}") from None
-    status = attrs.get("status", "broken")
     if status == "failed":
         raise SlideError(attrs.get("slide_id", path.stem), str(attrs.get("error", "failed earlier")))
     if status != "ok":
@@ -375,10 +376,9 @@ def leftover_writer(path: str | Path) -> int | None:
         return _flock_holder(final.with_name(f".{final.name}.lock"))
     for marker in (".tmp-", ".old-"):
         base, sep, tag = p.name[1:].rpartition(marker)
-        if sep and base:
-            host, _, pid = tag.rpartition("-")
-            if host == socket.gethostname() and pid.isdigit() and pid_alive(int(pid)):
-                return int(pid)
+        pid = local_pid(tag) if sep and base else None
+        if pid is not None and pid_alive(pid):
+            return pid
     return None
 
 

@@ -7,15 +7,15 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.atomic import atomic_path
-from pipeline.store import read_attrs, store_status
+from pipeline.store import store_state
 
 
 def summarize_stores(paths: list[str | Path]) -> pd.DataFrame:
     """One row per store: status, stage, tile counts, resolution and, for failures, the cause."""
     rows = []
     for p in map(Path, paths):
-        status = store_status(p)
-        attrs = read_attrs(p) if status in ("ok", "failed") else {}
+        status, attrs = store_state(p)
+        attrs = attrs if status in ("ok", "failed") else {}
         row = {
             "slide_id": attrs.get("slide_id", p.name.removesuffix(".zarr")),
             "stage": attrs.get("kind", "?"),

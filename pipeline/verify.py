@@ -140,11 +140,10 @@ class _Checker:
 
 def _check_store(path: Path, fp_cache: dict[str, str | None]) -> tuple[str, list[Problem]]:
     c = _Checker(path, fp_cache)
-    status = st.store_status(path)
+    status, attrs = st.store_state(path)
     if status == "broken":
         c.add("broken: unreadable root metadata (zarr.json)")
         return "unreadable", c.problems
-    attrs = st.read_attrs(path)
     kind = attrs.get("kind", "?")
     version = attrs.get("layout_version")
     if version != st.LAYOUT_VERSION:
@@ -334,11 +333,10 @@ def _check_features(c: _Checker, attrs: dict[str, Any]) -> None:
             c.add(f"{mag}/features: {int(lost.sum())} all-zero row(s) not marked failed (lost chunk?): {_first(lost)}")
         coords[mag] = st.read_array(c.path, f"{mag}/coords")
     tiles = _tile_store_of(c.path)
-    t_status = st.store_status(tiles)
+    t_status, t_attrs = st.store_state(tiles)
     if t_status != "ok":
         c.add(f"stale: its tile store is {t_status} ({tiles})", "stale")
         return
-    t_attrs = st.read_attrs(tiles)
     if t_attrs.get("tiles_sha256") != attrs.get("tiles_sha256"):
         c.add("stale: tiles changed since extraction", "stale")
     else:
