@@ -334,10 +334,9 @@ def list_arrays(path: str | Path) -> dict[str, ArrayInfo]:
     return out
 
 
-def read_array(path: str | Path, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
-    """Rows [start, stop) of the array `name` ("<mag>/<array>") of a store."""
-    arr = zarr.open_group(str(path), mode="r")[name]
-    return np.asarray(arr[start:stop]) if arr.ndim else np.asarray(arr[...])
+def read_array(path: str | Path, name: str) -> np.ndarray:
+    """The whole array `name` ("<mag>/<array>") of a store."""
+    return zarr_io.read_array(Path(path) / name)
 
 
 def iter_array_rows(path: str | Path, name: str) -> Iterator[tuple[int, np.ndarray]]:

@@ -172,8 +172,10 @@ def _first(mask: np.ndarray) -> str:
     return ", ".join(f"#{i}" for i in idx) + (", ..." if mask.sum() > _MAX_LISTED else "")
 
 
-def _check_arrays(c: _Checker, mags: list[str], spec: dict[str, Any], n_tiles: dict[str, int]) -> dict[str, int]:
-    """Required arrays present with their dtypes and consistent shapes; returns N per usable mag."""
+def _check_arrays(c: _Checker, mags: list[str], spec: dict[str, Any],
+                  n_tiles: dict[str, int]) -> tuple[dict[str, int], dict[str, st.ArrayInfo]]:
+    """Required arrays present with their dtypes and consistent shapes; returns N per usable mag
+    and the store's arrays (metadata)."""
     arrays = st.list_arrays(c.path)
     usable = {}
     for mag in mags:
@@ -204,7 +206,7 @@ def _check_arrays(c: _Checker, mags: list[str], spec: dict[str, Any], n_tiles: d
             ok = False
         if ok:
             usable[mag] = n_attr if n_attr is not None else lengths.pop()
-    return usable
+    return usable, arrays
 
 
 def _digest(coords: dict[str, np.ndarray]) -> str:
@@ -213,7 +215,7 @@ def _digest(coords: dict[str, np.ndarray]) -> str:
 
 def _check_tiles(c: _Checker, attrs: dict[str, Any]) -> None:
     mags = list(attrs["magnifications"])
-    usable = _check_arrays(c, mags, st.TILE_ARRAYS, attrs.get("n_tiles", {}))
+    usable, _ = _check_arrays(c, mags, st.TILE_ARRAYS, attrs.get("n_tiles", {}))
     width, height = (int(v) for v in attrs["level0_size"])
     region_rows, region_cols = (int(v) for v in attrs["region_grid"])
     threshold = float(attrs["tiling"]["tissue_threshold"])
@@ -310,11 +312,11 @@ def _tile_store_of(path: Path) -> Path:
 
 def _check_features(c: _Checker, attrs: dict[str, Any]) -> None:
     mags = list(attrs["magnifications"])
-    usable = _check_arrays(c, mags, FEATURE_ARRAYS, attrs.get("n_tiles", {}))
+    usable, arrays = _check_arrays(c, mags, FEATURE_ARRAYS, attrs.get("n_tiles", {}))
     dims = attrs.get("dims", {})
     coords = {}
     for mag in usable:
-        info = st.list_arrays(c.path)[f"{mag}/features"]
+        info = arrays[f"{mag}/features"]
         if dims.get(mag) != info.shape[1]:
             c.add(f"{mag}/features: {info.shape[1]} feature dims, {dims.get(mag)} in the attributes")
         failed = st.read_array(c.path, f"{mag}/failed")
