@@ -178,6 +178,12 @@ def test_aux_loss_only_for_clam_in_training(batch):
     assert out["aux_loss"].dim() == 0 and out["aux_loss"] > 0
 
 
+def test_clam_sb_3_state_dict_is_abmil_3_plus_instance_classifiers():
+    clam, abmil = build("clam_sb_3").state_dict(), build("abmil_3").state_dict()
+    extra = {f"branches.{t}.instance.{p}" for t in MAGS for p in ("weight", "bias")}
+    assert set(clam) == set(abmil) | extra
+
+
 # ---------------------------------------------------------------- M2OTCA specifics
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ModelConfig, order_magnifications
+from .config import ModelConfig
 from .layers import AttentionHead, FeatureProjection, LateFusion
 
 
@@ -34,8 +34,10 @@ class ABMIL(nn.Module):
         self.proj = FeatureProjection(in_dim, cfg.d, cfg.dropout)
         self.head = AttentionHead(cfg.d, cfg.attn_dim, n_classes)
 
-    def branch(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """feats (B, N, D), mask (B, N) -> logits (B, C), tile attention (B, N)."""
+    def branch(
+        self, feats: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (B, N, D), mask (B, N) -> logits (B, C), tile attention (B, N); labels unused."""
         h = self.proj(feats, mask)  # (B, N, d)
         logits, att, _ = self.head(h, mask)  # (B, C), (B, N)
         return logits, att
@@ -57,14 +59,15 @@ class ABMIL3(LateFusion):
         super().__init__(in_dims, n_classes, cfg, ABMIL)
 
 
-class CLAMSB(nn.Module):
-    """CLAM-SB on one magnification: ABMIL plus attention-ranked instance classifiers."""
+class CLAMSB(ABMIL):
+    """CLAM-SB on one magnification: ABMIL plus attention-ranked instance classifiers.
+
+    A branch for :class:`CLAMSB3`: its ``branch`` also returns the instance loss.
+    """
 
     def __init__(self, in_dim: int, n_classes: int, cfg: ModelConfig, mag: str) -> None:
-        super().__init__()
-        self.mag, self.n_classes, self.k = mag, n_classes, cfg.clam_k_sample
-        self.proj = FeatureProjection(in_dim, cfg.d, cfg.dropout)
-        self.head = AttentionHead(cfg.d, cfg.attn_dim, n_classes)
+        super().__init__(in_dim, n_classes, cfg, mag)
+        self.n_classes, self.k = n_classes, cfg.clam_k_sample
         self.instance = nn.Linear(cfg.d, 2 * n_classes)  # C binary classifiers, fused
 
     def instance_loss(
@@ -107,30 +110,9 @@ class CLAMSB(nn.Module):
         return logits, att, inst
 
 
-class CLAMSB3(nn.Module):
+class CLAMSB3(LateFusion):
     """One CLAM-SB branch per magnification; linear layer over the concatenated logits."""
 
     def __init__(self, in_dims: dict[str, int], n_classes: int, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.mags = order_magnifications(in_dims)
+        super().__init__(in_dims, n_classes, cfg, CLAMSB)
         self.aux_scale = (1.0 - cfg.clam_bag_weight) / cfg.clam_bag_weight
-        self.branches = nn.ModuleDict({t: CLAMSB(in_dims[t], n_classes, cfg, t) for t in self.mags})
-        self.fuse = nn.Linear(len(self.mags) * n_classes, n_classes)
-
-    def forward(self, batch: dict, labels: torch.Tensor | None = None) -> dict:
-        branch_logits, tile_att, inst = {}, {}, []
-        for t in self.mags:
-            y, att, loss = self.branches[t].branch(batch["feats"][t], batch["mask"][t], labels)
-            branch_logits[t], tile_att[t] = y, att  # (B, C), (B, N_t)
-            if loss is not None:
-                inst.append(loss)
-        logits = self.fuse(torch.cat([branch_logits[t] for t in self.mags], dim=-1))  # (B, C)
-        out = {
-            "logits": logits,
-            "branch_logits": branch_logits,
-            "tile_attention": tile_att,
-            "proto_attention": {},
-        }
-        if inst:
-            out["aux_loss"] = self.aux_scale * torch.stack(inst).mean()
-        return out

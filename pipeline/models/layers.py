@@ -144,25 +144,34 @@ class LateFusion(nn.Module):
     """One branch per magnification, bag logits = a linear layer over ``[y_20; y_10; y_5]``.
 
     ``branch(in_dim, n_classes, cfg, mag)`` builds a module with ``.branch(feats (B, N, D),
-    mask (B, N)) -> (logits (B, C), tile attention (B, N))`` (ABMIL_3, TransMIL_3).
+    mask (B, N), labels (B,) or None)`` returning ``(logits (B, C), tile attention (B, N))``
+    (ABMIL_3, TransMIL_3) or ``(logits, tile attention, aux loss or None)`` (CLAM-SB_3). When
+    any branch gives an aux loss, the output has ``aux_loss = aux_scale * mean of them``
+    (``aux_scale`` 1.0 unless a subclass sets it); otherwise it has no ``aux_loss`` key.
     """
 
     def __init__(self, in_dims: dict[str, int], n_classes: int, cfg: ModelConfig,
                  branch: Callable[..., nn.Module]) -> None:
         super().__init__()
         self.mags = order_magnifications(in_dims)
+        self.aux_scale = 1.0
         self.branches = nn.ModuleDict({t: branch(in_dims[t], n_classes, cfg, t) for t in self.mags})
         self.fuse = nn.Linear(len(self.mags) * n_classes, n_classes)
 
     def forward(self, batch: dict, labels: torch.Tensor | None = None) -> dict:
-        branch_logits, tile_att = {}, {}
+        branch_logits, tile_att, aux = {}, {}, []
         for t in self.mags:
-            y, att = self.branches[t].branch(batch["feats"][t], batch["mask"][t])
+            y, att, *extra = self.branches[t].branch(batch["feats"][t], batch["mask"][t], labels)
             branch_logits[t], tile_att[t] = y, att  # (B, C), (B, N_t)
+            if extra and extra[0] is not None:
+                aux.append(extra[0])  # scalar
         logits = self.fuse(torch.cat([branch_logits[t] for t in self.mags], dim=-1))  # (B, C)
-        return {
+        out = {
             "logits": logits,
             "branch_logits": branch_logits,
             "tile_attention": tile_att,
             "proto_attention": {},
         }
+        if aux:
+            out["aux_loss"] = self.aux_scale * torch.stack(aux).mean()
+        return out

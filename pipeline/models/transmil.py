@@ -171,8 +171,10 @@ class TransMIL(nn.Module):
         self.norm = nn.LayerNorm(cfg.d)
         self.classifier = nn.Linear(cfg.d, n_classes)
 
-    def branch(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """feats (B, N, D), mask (B, N) -> logits (B, C), tile attention (B, N)."""
+    def branch(
+        self, feats: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (B, N, D), mask (B, N) -> logits (B, C), tile attention (B, N); labels unused."""
         h = self.proj(feats, mask)  # (B, N, d)
         b, n, d = h.shape
         src, cell_valid, tile_cells, side = square_layout(mask)
