@@ -42,6 +42,13 @@ def writer_alive(tag: str) -> bool:
     return pid is None or pid_alive(pid)
 
 
+def dead_writer_leftovers(parent: Path, prefix: str, suffix: str = "") -> Iterator[Path]:
+    """Entries `<prefix><writer tag><suffix>` of `parent` whose writer on this host is gone."""
+    for p in parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        if not writer_alive(p.name[len(prefix) : len(p.name) - len(suffix)]):
+            yield p
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -67,9 +74,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    for old in final.parent.glob(f"{glob.escape(prefix)}*{glob.escape(final.suffix)}"):  # left by killed writers of this file
-        tag = old.name[len(prefix) : len(old.name) - len(final.suffix)]
-        if old.is_file() and not writer_alive(tag):
+    for old in dead_writer_leftovers(final.parent, prefix, final.suffix):  # killed writers of this file
+        if old.is_file():
             old.unlink(missing_ok=True)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import zarr
 
 from pipeline import __version__, zarr_io
-from pipeline.atomic import local_pid, pid_alive, writer_alive, writer_tag
+from pipeline.atomic import dead_writer_leftovers, local_pid, pid_alive, writer_tag
 from pipeline.errors import SlideError
 from pipeline.tiling import TileSet
 
@@ -347,6 +347,19 @@ def iter_array_rows(path: str | Path, name: str) -> Iterator[tuple[int, np.ndarr
         yield start, np.asarray(arr[start : start + step])
 
 
+_LEFTOVER_MARKERS = (".tmp-", ".old-")
+
+
+def _split_leftover(name: str) -> tuple[str, str] | None:
+    """(store name, writer tag) of `.<name>.tmp-<tag>` / `.<name>.old-<tag>`, else None."""
+    if name.startswith("."):
+        for marker in _LEFTOVER_MARKERS:
+            base, sep, tag = name[1:].rpartition(marker)
+            if sep and base and tag:
+                return base, tag
+    return None
+
+
 def leftover_target(path: str | Path) -> Path | None:
     """The store a leftover directory of an interrupted writer belongs to; None if `path` is not one.
 
@@ -354,15 +367,10 @@ def leftover_target(path: str | Path) -> Path | None:
     built) and `.<name>.old-<host>-<pid>` (the previous store, moved aside while being replaced).
     """
     p = Path(path)
-    name = p.name
-    if name.endswith(".partial"):
-        return p.with_name(name.removesuffix(".partial"))
-    if name.startswith("."):
-        for marker in (".tmp-", ".old-"):
-            base, sep, tag = name[1:].rpartition(marker)
-            if sep and base and tag:
-                return p.with_name(base)
-    return None
+    if p.name.endswith(".partial"):
+        return p.with_name(p.name.removesuffix(".partial"))
+    parts = _split_leftover(p.name)
+    return p.with_name(parts[0]) if parts else None
 
 
 def leftover_writer(path: str | Path) -> int | None:
@@ -373,12 +381,8 @@ def leftover_writer(path: str | Path) -> int | None:
         return None
     if p.name.endswith(".partial"):  # resumable feature store: its writer holds the lock file
         return _flock_holder(final.with_name(f".{final.name}.lock"))
-    for marker in (".tmp-", ".old-"):
-        base, sep, tag = p.name[1:].rpartition(marker)
-        pid = local_pid(tag) if sep and base else None
-        if pid is not None and pid_alive(pid):
-            return pid
-    return None
+    pid = local_pid(_split_leftover(p.name)[1])
+    return pid if pid is not None and pid_alive(pid) else None
 
 
 def _flock_holder(lock: Path) -> int | None:
@@ -398,8 +402,7 @@ def _flock_holder(lock: Path) -> int | None:
 
 def _remove_dead_leftovers(final: Path) -> None:
     """Remove `.tmp-`/`.old-` directories of `final` whose writer process is gone."""
-    for marker in (".tmp-", ".old-"):
-        for p in final.parent.glob(f".{final.name}{marker}*"):
-            tag = p.name[len(final.name) + 1 + len(marker):]
-            if p.is_dir() and not writer_alive(tag):
+    for marker in _LEFTOVER_MARKERS:
+        for p in dead_writer_leftovers(final.parent, f".{final.name}{marker}"):
+            if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
