@@ -345,7 +345,6 @@ def build_encoder(name: str, weights: str | Path | None = None, *,
     model.eval().requires_grad_(False)
     spec = EncoderSpec(name=name, pretrained=weights is not None, weights_sha256=digest,
                        **recipe.spec(model))
-    model.encoder_spec = spec  # type: ignore[assignment]  # for code that only has the model
     model.pretrained = spec.pretrained  # type: ignore[assignment]
     return model, spec
 

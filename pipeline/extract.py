@@ -211,10 +211,9 @@ def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weig
     }
     dims = {m: enc.spec.out_dim for m in mags}
     writer = FeatureStoreWriter(out, tiles, dims, store_attrs, chunk_rows=chunk_rows)
-    n_failed = {}
     try:
         for m in mags:
-            n_failed[m] = _extract_mag(writer, m, slide_path, base_mpp, tiles[m].coords,
+            _extract_mag(writer, m, slide_path, base_mpp, tiles[m].coords,
                                        attrs["tiling"]["magnifications"][m], attrs["tiling"]["tile_size"],
                                        enc, cfg, slide_id, device)
         writer.finalize()
@@ -225,14 +224,14 @@ def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weig
 
 def _extract_mag(writer: FeatureStoreWriter, mag: str, slide_path: str, base_mpp: float, coords: np.ndarray,
                  tile_mpp: float, size: int, enc: Encoder, cfg: ExtractConfig, slide_id: str,
-                 device: torch.device) -> int:
-    """Encode one magnification from the writer's resume point; returns the failed-tile count."""
+                 device: torch.device) -> None:
+    """Encode one magnification from the writer's resume point."""
     from tqdm import tqdm
 
     start = writer.rows_done(mag)
     n = len(coords)
     if start >= n:
-        return 0
+        return
     ds = TileDataset(slide_path, base_mpp, coords[start:], tile_mpp, size)
     loader = make_loader(ds, cfg, device)
     feats: list[np.ndarray] = []
@@ -265,5 +264,5 @@ def _extract_mag(writer: FeatureStoreWriter, mag: str, slide_path: str, base_mpp
         bar.update(len(imgs))
     bar.close()
     dt = time.perf_counter() - t0
-    log.info("%s %s: %d tiles in %.1f s (%.1f tiles/s)", slide_id, mag, n - start, dt, (n - start) / max(dt, 1e-9))
-    return n_failed
+    log.info("%s %s: %d tiles (%d failed to decode) in %.1f s (%.1f tiles/s)", slide_id, mag, n - start, n_failed,
+             dt, (n - start) / max(dt, 1e-9))

@@ -49,7 +49,6 @@ def tile_to_store(slide_path: str | Path, out: str | Path, cfg: TilingConfig, mp
     }
     write_tile_store(out, res.tiles, attrs)
     if mask_png:
-        Path(mask_png).parent.mkdir(parents=True, exist_ok=True)
         write_mask_png(mask_png, res.mask)
     if qc_png:
         write_png(qc_png, qc_image(res.thumbnail, res.mask, res.thumb_mpp / info.mpp, res.tiles, attrs["tile_px_level0"]))

@@ -11,11 +11,6 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
 
 
-def tissue_mask(rgb: np.ndarray, mpp: float, **kw) -> np.ndarray:
-    """Binary tissue mask (H, W) uint8 in {0, 1} of an RGB thumbnail at `mpp` µm/px."""
-    return tissue_mask_from_saturation(saturation(rgb), mpp, **kw)
-
-
 def tissue_mask_from_saturation(
     sat: np.ndarray,
     mpp: float,
