@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import SlideError
+from pipeline.models.config import order_magnifications
 from pipeline.store import read_attrs, read_feature_store, store_status
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,6 @@ class Bag:
     feats: dict[str, torch.Tensor]  # mag -> (N_t, D_t) float16
     group: dict[str, torch.Tensor]  # mag -> (N_t,) long
     coords: dict[str, np.ndarray]  # mag -> (N_t, 2) level-0 x, y (for heatmaps)
-    fingerprints: dict[str, str]  # mag -> tiles_sha256 of the store it came from
 
 
 def group_index(region_ref: np.ndarray, regions: dict[str, np.ndarray], m: int) -> dict[str, np.ndarray]:
@@ -45,12 +45,12 @@ def group_index(region_ref: np.ndarray, regions: dict[str, np.ndarray], m: int) 
 
 def load_bag(slide_id: str, stores: dict[str, Path], label: int, n_groups: int) -> Bag:
     """One slide's features at every magnification; failed tiles are dropped (masked)."""
-    feats, coords, regions, fps = {}, {}, {}, {}
+    feats, coords, regions = {}, {}, {}
     by_store: dict[Path, list[str]] = {}
     for mag, p in stores.items():
         by_store.setdefault(Path(p), []).append(mag)
     for p, mags in by_store.items():
-        attrs, sets = read_feature_store(p, mags)
+        _, sets = read_feature_store(p, mags)
         for mag in mags:
             s = sets[mag]
             if s.failed.any():
@@ -59,12 +59,11 @@ def load_bag(slide_id: str, stores: dict[str, Path], label: int, n_groups: int) 
             feats[mag] = torch.from_numpy(np.ascontiguousarray(s.features))
             coords[mag] = s.coords
             regions[mag] = s.region
-            fps[mag] = attrs["tiles_sha256"]
-    ref = max(stores, key=lambda m: float(m.rstrip("xX")))  # the finest magnification defines the groups
+    ref = order_magnifications(stores)[0]  # the finest magnification defines the groups
     if sum(len(f) for f in feats.values()) == 0:
         raise SlideError(slide_id, "no tiles with tissue at any magnification")
     group = {m: torch.from_numpy(g) for m, g in group_index(regions[ref], regions, n_groups).items()}
-    return Bag(slide_id, label, feats, group, coords, fps)
+    return Bag(slide_id, label, feats, group, coords)
 
 
 class BagCache:

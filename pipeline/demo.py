@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline.atomic import atomic_path, write_text
 from pipeline.synth import array_tile_fn, level_shapes, write_pyramid_tiff
 
 MPP = 0.5  # level-0 µm/px (a 20x scan)
@@ -380,17 +381,13 @@ def make_demo_cohort(out_dir: Path, n_slides: int = 24, seed: int = 0, scale: fl
     else:
         contours = list(map(write_slide, *jobs))
     lesions = {s: c for s, c in zip(ids, contours, strict=True)}
-    tmp = out_dir / (LESIONS_NAME + ".tmp")
-    tmp.write_text(json.dumps({"mpp": MPP, "coords": "level-0 px, x y", "lesions": lesions}))
-    os.replace(tmp, out_dir / LESIONS_NAME)
+    write_text(out_dir / LESIONS_NAME, json.dumps({"mpp": MPP, "coords": "level-0 px, x y", "lesions": lesions}))
     sheet = out_dir / SHEET_NAME
-    tmp = out_dir / (SHEET_NAME + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(sheet) as tmp, open(tmp, "w", newline="") as f:
         wr = csv.writer(f, delimiter="\t", lineterminator="\n")
         wr.writerow(["slide_id", "path", "label", "patient_id"])
         for s, lab, p in zip(ids, labels, patients, strict=True):
             wr.writerow([s, f"slides/{s}.tiff", lab, p])
-    os.replace(tmp, sheet)
     return sheet
 
 

@@ -112,10 +112,13 @@ def iter_batches(cache: BagCache, chunks: list[list[str]], mags: list[str], pref
     `prefetch` batches ahead of the consumer; an error there is raised here, and a consumer
     that stops early stops the thread. The batches are the same as without prefetching.
     """
-    if prefetch <= 0 or len(chunks) <= 1:
+    def load() -> Iterator[tuple[list, dict, torch.Tensor]]:
         for chunk in chunks:
             bags = [cache[s] for s in chunk]
             yield (bags, *collate(bags, mags))
+
+    if prefetch <= 0 or len(chunks) <= 1:
+        yield from load()
         return
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
@@ -131,9 +134,8 @@ def iter_batches(cache: BagCache, chunks: list[list[str]], mags: list[str], pref
 
     def work() -> None:
         try:
-            for chunk in chunks:
-                bags = [cache[s] for s in chunk]
-                if not put((bags, *collate(bags, mags))):
+            for item in load():
+                if not put(item):
                     return
             put(_DONE)
         except BaseException as e:  # handed to the consumer
@@ -233,8 +235,8 @@ def train_fold(model_name: str, cache: BagCache, train_ids: list[str], val_ids: 
     best_state, best_epoch, history, stale = None, -1, [], 0
     for epoch in range(cfg.epochs):
         losses = train_epoch(model, opt, cache, train_ids, mags, cfg.batch_size, rng, cfg.prefetch)
-        val = predict(model, cache, val_ids, mags, cfg.batch_size, cfg.prefetch) if val_ids else None
-        if val is not None and len(val_ids):
+        if val_ids:
+            val = predict(model, cache, val_ids, mags, cfg.batch_size, cfg.prefetch)
             m = classification_metrics(y_val, val["prob"], classes)
             val_loss = float(F.nll_loss(torch.log(torch.from_numpy(val["prob"]).clamp_min(1e-8)), torch.from_numpy(y_val)))
             score = (m["auc"] if np.isfinite(m["auc"]) else 0.5, val_loss)
