@@ -185,17 +185,20 @@ def tile_slide(slide: Slide, cfg: TilingConfig) -> TilingResult:
     mask_mpp = max(cfg.mask_mpp, info.mpp * max(info.width, info.height) / cfg.mask_max_side)
     from pipeline.tissue import saturation, tissue_mask_from_saturation
 
-    # Saturation is reduced block by block: the full RGB image at mask resolution never exists.
-    # The last row/col may run past the slide; that part reads white, so no tissue.
-    sat = slide.thumbnail(mask_mpp, cfg.max_read_pixels, reduce=saturation)
+    # A small RGB picture for QC: coarser than the mask on big slides; on slides small enough
+    # that it IS the mask's resolution, the one read serves both (saturation is per pixel).
+    qc_mpp = max(mask_mpp, info.mpp * max(info.width, info.height) / QC_SIDE)
+    thumb = slide.thumbnail(qc_mpp, cfg.max_read_pixels) if qc_mpp == mask_mpp else None
+    # Otherwise saturation is reduced block by block: the full RGB image at mask resolution never
+    # exists. The last row/col may run past the slide; that part reads white, so no tissue.
+    sat = saturation(thumb) if thumb is not None else slide.thumbnail(mask_mpp, cfg.max_read_pixels, reduce=saturation)
     mask = tissue_mask_from_saturation(sat, mask_mpp, cfg.saturation_floor, cfg.min_component_um2, cfg.max_hole_um2)
     del sat
     scale = mask_mpp / info.mpp
     grid = make_grid(info.width, info.height, info.mpp, cfg)
     tiles = tile_grid(mask, scale, grid, cfg)
-    # A small RGB picture for QC (coarser than the mask on big slides).
-    qc_mpp = max(mask_mpp, info.mpp * max(info.width, info.height) / QC_SIDE)
-    thumb = slide.thumbnail(qc_mpp, cfg.max_read_pixels)
+    if thumb is None:
+        thumb = slide.thumbnail(qc_mpp, cfg.max_read_pixels)
     return TilingResult(tiles=tiles, mask=mask, thumbnail=thumb, mask_mpp=mask_mpp, grid=grid, thumb_mpp=qc_mpp)
 
 
