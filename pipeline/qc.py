@@ -40,7 +40,12 @@ def qc_image(thumb: np.ndarray, mask: np.ndarray, thumb_scale: float, tiles: dic
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:
-    """RGB array -> PNG (OpenCV writes BGR)."""
+    """RGB (H, W, 3) or grey (H, W) uint8 array -> PNG (OpenCV writes BGR)."""
     with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb):
             raise OSError(f"cannot write {path}")
+
+
+def write_mask_png(path: str | Path, mask: np.ndarray) -> None:
+    """Mask as a black/white PNG (tissue white)."""
+    write_png(path, (mask * 255).astype(np.uint8))

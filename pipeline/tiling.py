@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -200,12 +199,3 @@ def tile_slide(slide: Slide, cfg: TilingConfig) -> TilingResult:
     if thumb is None:
         thumb = slide.thumbnail(qc_mpp, cfg.max_read_pixels)
     return TilingResult(tiles=tiles, mask=mask, thumbnail=thumb, mask_mpp=mask_mpp, grid=grid, thumb_mpp=qc_mpp)
-
-
-def write_mask_png(path: str | Path, mask: np.ndarray) -> None:
-    """Mask as a black/white PNG (tissue white)."""
-    from pipeline.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), (mask * 255).astype(np.uint8)):
-            raise OSError(f"cannot write {path}")
