@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,38 @@ def shared_slide(name: str) -> Path:
 @pytest.fixture
 def cmu() -> Path:
     return shared_slide("CMU-1-Small-Region.svs")
+
+
+def digest(path: Path) -> dict[str, str]:
+    """sha256 of a file, or of every file under a folder (by relative path)."""
+    if path.is_file():
+        return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def venv_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """`base` (default: os.environ) plus `extra`, with this interpreter's bin folder first on PATH."""
+    env = {**(os.environ if base is None else base), **extra}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+def snakemake_cmd(workdir: Path, *args: str, cores: int | None = 2) -> list[str]:
+    """`python -m snakemake` on the repo's Snakefile in `workdir` with its config.yaml, then `args`;
+    `cores=None` leaves out `--cores` (the SLURM test's profile runs with --jobs)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(workdir / "config.yaml")]
+    if cores is not None:
+        cmd += ["--cores", str(cores)]
+    return [*cmd, *args]
+
+
+def write_cohort(tmp: Path, rows: list[tuple[str, Path, str]], extra: str = "") -> None:
+    """`tmp`/slides.tsv (patient p<i>, mpp left empty) and a config.yaml using it, `extra` appended."""
+    lines = ["slide_id\tpath\tlabel\tpatient_id\tmpp"] + [f"{sid}\t{p}\t{lab}\tp{i}\t" for i, (sid, p, lab) in enumerate(rows)]
+    (tmp / "slides.tsv").write_text("\n".join(lines) + "\n")
+    (tmp / "config.yaml").write_text(f"cohort: tiny\nslides: {tmp / 'slides.tsv'}\ndemo: {{enabled: false}}\n" + extra)
 
 
 def write_tiff(path: Path, img: np.ndarray, mpp: float | None = 0.5, tiled: bool = True, levels: int = 1, **kw) -> Path:

@@ -7,10 +7,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import REPO, tissue_image, write_tiff
+from conftest import snakemake_cmd, tissue_image, venv_env, write_tiff
 
 from pipeline.config import TilingConfig
 from pipeline.store import read_feature_store, read_tile_store
@@ -19,7 +18,7 @@ from pipeline.verify import verify_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+ENV = venv_env(OMP_NUM_THREADS="1")
 
 
 # `python -m pipeline` whose feature writer takes 2 s per committed chunk, as on a big slide: the
@@ -55,12 +54,6 @@ def test_two_extractions_of_one_slide_one_wins(tmp_path):
     assert {m: len(f.features) for m, f in feats.items()} == {m: len(t) for m, t in read_tile_store(res / "tiles" / "s.zarr").tiles.items()}
     assert verify_results([tmp_path / "results"]) == []
     assert sorted(p.name for p in out.parent.iterdir()) == ["s.zarr"]
-
-
-def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
-    """As tests/test_workflow.py calls Snakemake."""
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-            "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
 
 
 def test_second_workflow_run_on_the_same_folder_is_refused(tmp_path):

@@ -13,7 +13,6 @@ Each test prints its table of kill points (pytest -s).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tissue_image, write_tiff
+from conftest import digest, tissue_image, write_tiff
 
 from pipeline.config import TilingConfig
 from pipeline.store import FeatureStoreWriter, tiles_digest
@@ -103,14 +102,6 @@ def measured(*args: str) -> float:
     r = pipeline(*args)
     assert r.returncode == 0, r.stderr
     return time.perf_counter() - t0
-
-
-def digest(path: Path) -> dict[str, str]:
-    """sha256 of a file, or of every file under a folder (by relative path)."""
-    if path.is_file():
-        return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def state(path: Path, ref: Path) -> str:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_slide, tissue_image, write_tiff
+from conftest import digest, shared_slide, tissue_image, write_tiff
 
 from pipeline.config import TilingConfig
 from pipeline.errors import SlideError
@@ -27,12 +25,6 @@ from pipeline.store import (
 from pipeline.tile_stage import tile_to_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def tree_digest(path: Path) -> dict[str, str]:
-    """sha256 of every file under a store, by relative path."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +52,7 @@ def test_extract_writes_self_contained_store(tiled, tmp_path):
     # deterministic: same inputs, same bytes, whatever the worker count
     extract_features(d / "s.zarr", tmp_path / "g.zarr", "resnet18_simclr",
                      cfg=ExtractConfig(batch_size=16, num_workers=1, chunk_batches=2))
-    assert tree_digest(tmp_path / "f.zarr") == tree_digest(tmp_path / "g.zarr")
+    assert digest(tmp_path / "f.zarr") == digest(tmp_path / "g.zarr")
 
 
 def test_only_requested_mags(tiled, tmp_path):
@@ -95,7 +87,7 @@ def test_kill9_resume_is_byte_identical(tiled, tmp_path):
     r = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert not partial.exists()
-    assert tree_digest(out) == tree_digest(ref)
+    assert digest(out) == digest(ref)
 
 
 def test_resume_continues_after_last_chunk(tiled, tmp_path, monkeypatch):

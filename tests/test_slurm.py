@@ -14,14 +14,12 @@ import importlib.util
 import os
 import re
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import slurm_cluster
-from conftest import REPO, shared_slide
+from conftest import REPO, shared_slide, snakemake_cmd, venv_env, write_cohort
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -59,9 +57,7 @@ def cluster(tmp_path_factory):
 def test_workflow_runs_through_slurm(cluster, tmp_path, capsys):
     rows = [("cmu", shared_slide("CMU-1-Small-Region.svs"), "tumor"),
             ("unreadable", shared_slide("broken/unreadable.svs"), "normal")]
-    (tmp_path / "slides.tsv").write_text("slide_id\tpath\tlabel\tpatient_id\tmpp\n" + "".join(
-        f"{sid}\t{p}\t{lab}\tp{i}\t\n" for i, (sid, p, lab) in enumerate(rows)))
-    (tmp_path / "config.yaml").write_text(f"cohort: tiny\nslides: {tmp_path / 'slides.tsv'}\ndemo: {{enabled: false}}\n")
+    write_cohort(tmp_path, rows)
 
     # The node has no GPU: override the rules' gpu requests (on a real cluster the profile's
     # set-resources maps them). A command-line --set-resources replaces the profile's block.
@@ -69,13 +65,12 @@ def test_workflow_runs_through_slurm(cluster, tmp_path, capsys):
     mem = cluster.hardware["RealMemory"]
     if mem < 9000:  # a small CI machine: keep every request satisfiable by the one node
         set_resources += [f"{r}:mem_mb={mem // 3}" for r in ("tile_slide", "summarize_tiles", "extract_features")]
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-           "--configfile", str(tmp_path / "config.yaml"), "--profile", str(PROFILE), "--workflow-profile", "none",
-           "--jobs", "4", "--latency-wait", "5",
-           "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
-           "--slurm-keep-successful-logs", "--set-resources", *set_resources, "--", "tiles_summary", "features"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    cmd = snakemake_cmd(tmp_path, "--profile", str(PROFILE), "--workflow-profile", "none",
+                        "--jobs", "4", "--latency-wait", "5",
+                        "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
+                        "--slurm-keep-successful-logs", "--set-resources", *set_resources, "--", "tiles_summary", "features",
+                        cores=None)  # no --cores: the profile's executor runs with --jobs, as before
+    env = venv_env(slurm_cluster.clean_env())
     t0 = time.monotonic()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=420)

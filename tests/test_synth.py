@@ -13,12 +13,10 @@ import cv2
 import numpy as np
 import openslide
 import pytest
+from conftest import REPO, shared_slide
 
 from pipeline.demo import E_VEC, H_VEC, MPP, make_demo_cohort
 from pipeline.synth import level_shapes, write_pyramid_tiff
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_SLIDES = ROOT.parent / "shared" / "slides"
 
 
 def _smooth_image(h: int, w: int) -> np.ndarray:
@@ -149,12 +147,8 @@ def test_lesions_show_more_nuclear_stain_than_normal_tissue(cohorts):
 
 
 def test_mosaic_bench_slide(tmp_path):
-    source = SHARED_SLIDES / "CMU-1-Small-Region.svs"
-    if not source.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"shared test slides missing: {SHARED_SLIDES}")
-        pytest.skip(f"shared test slides missing: {SHARED_SLIDES}")
-    spec = importlib.util.spec_from_file_location("make_slide", ROOT / "bench" / "make_slide.py")
+    source = shared_slide("CMU-1-Small-Region.svs")
+    spec = importlib.util.spec_from_file_location("make_slide", REPO / "bench" / "make_slide.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "mosaic.tiff"

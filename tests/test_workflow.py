@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, shared_slide
+from conftest import REPO, shared_slide, snakemake_cmd, venv_env, write_cohort
 
 pytestmark = pytest.mark.integration
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
-
-
-def write_cohort(tmp: Path, rows: list[tuple[str, Path, str]]) -> None:
-    lines = ["slide_id\tpath\tlabel\tpatient_id\tmpp"] + [f"{sid}\t{p}\t{lab}\tp{i}\t" for i, (sid, p, lab) in enumerate(rows)]
-    (tmp / "slides.tsv").write_text("\n".join(lines) + "\n")
-    (tmp / "config.yaml").write_text(f"cohort: tiny\nslides: {tmp / 'slides.tsv'}\ndemo: {{enabled: false}}\n"
-                                     )
+    return subprocess.run(snakemake_cmd(workdir, *args), capture_output=True, text=True, cwd=workdir, env=venv_env())
 
 
 def test_tiling_workflow_survives_bad_slides_and_is_incremental(tmp_path):
@@ -51,9 +40,7 @@ def test_tiling_workflow_survives_bad_slides_and_is_incremental(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "tile_slide" in out and "summarize_tiles" in out
-    jobs = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
-            if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert jobs.get("tile_slide") == 1, out
+    assert jobs_of(out).get("tile_slide") == 1, out
 
 
 def jobs_of(out: str) -> dict[str, int]:
@@ -75,11 +62,9 @@ def test_features_and_models_rerun_only_what_changed(tmp_path):
     for i in range(5):
         p = write_tiff(tmp_path / f"s{i}.tif", tissue_image(900, 1100, seed=i, blobs=4), mpp=0.5, levels=2)
         slides.append((f"s{i}", p, "tumor" if i % 2 else "normal"))
-    write_cohort(tmp_path, slides[:4])
     extra = ("splits: {folds: 2}\nmodels: [abmil_3]\ntraining: {epochs: 2, min_epochs: 1, model: {n_groups: 4}}\n"
              "tiling: {tile_size: 64}\nfeatures: {batch_size: 16}\nheatmaps: {n_auto: 1, model: abmil_3}\n")
-    cfg = (tmp_path / "config.yaml").read_text() + extra
-    (tmp_path / "config.yaml").write_text(cfg)
+    write_cohort(tmp_path, slides[:4], extra)
     r = snakemake(tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     res = tmp_path / "results" / "tiny"
@@ -87,14 +72,12 @@ def test_features_and_models_rerun_only_what_changed(tmp_path):
     assert (res / "metrics" / "resnet18_simclr" / "manifest.json").exists()
     assert "Nothing to be done" in (r2 := snakemake(tmp_path, "-n")).stdout + r2.stderr
     # one more slide: only its tiling and extraction, then splits/training/evaluation again
-    write_cohort(tmp_path, slides)
-    (tmp_path / "config.yaml").write_text((tmp_path / "config.yaml").read_text() + extra)
+    write_cohort(tmp_path, slides, extra)
     jobs = jobs_of((r := snakemake(tmp_path, "-n", "--quiet", "rules")).stdout + r.stderr)
     assert jobs.get("tile_slide") == 1 and jobs.get("extract_features") == 1, jobs
     assert jobs.get("train_mil", 0) >= 1 and jobs.get("evaluate_mil", 0) >= 1, jobs
     # another encoder for every magnification: features and models, never tiles
-    write_cohort(tmp_path, slides[:4])
-    (tmp_path / "config.yaml").write_text((tmp_path / "config.yaml").read_text() + extra.replace(
+    write_cohort(tmp_path, slides[:4], extra.replace(
         "features: {batch_size: 16}",
         'features: {batch_size: 16, encoders: {"20x": "timm:resnet10t", "10x": "timm:resnet10t", "5x": "timm:resnet10t"}}'))
     jobs = jobs_of((r := snakemake(tmp_path, "-n", "--quiet", "rules")).stdout + r.stderr)
