@@ -8,12 +8,13 @@ from a callback, so a 100k x 80k px slide never sits in memory. Levels are succe
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import tifffile
+
+from pipeline.atomic import atomic_path
 
 TileFn = Callable[[int, int, int, int, int], np.ndarray]
 """tile_fn(level, y, x, h, w) -> (h, w, 3) uint8 pixels of that level at row y, column x."""
@@ -79,7 +80,8 @@ def write_pyramid_tiff(
     Level 0 is `shape_hw` at `mpp` µm/px; level k is downsampled by `downsample**k`
     (`n_levels=None`: at least 3 levels, until the shorter side drops below ~1024 px).
     Resolution tags are in CENTIMETER units (1e4 / mpp px/cm) so readers get the real µm/px.
-    The file appears at `path` only once complete (written to `path + ".tmp"`, then renamed).
+    The file appears at `path` only once complete (written under a temporary name by
+    :func:`pipeline.atomic.atomic_path`, then renamed).
     Returns the (h, w) of every level.
     """
     if not (mpp > 0 and math.isfinite(mpp)):
@@ -92,33 +94,26 @@ def write_pyramid_tiff(
     if description is None:
         description = f"pipeline.synth pyramidal TIFF; mpp={mpp:g}; levels={len(shapes)}"
     bigtiff = sum(h * w * 3 for h, w in shapes) > 2**31  # JPEG shrinks it, but stay safe
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
-            for level, (h, w) in enumerate(shapes):
-                # actual per-axis downsample (ceil makes it slightly below downsample**k)
-                res = (1e4 / (mpp * w0 / w), 1e4 / (mpp * h0 / h))
-                tw.write(
-                    _tiles(tile_fn, level, (h, w), tile),
-                    shape=(h, w, 3),
-                    dtype=np.uint8,
-                    tile=(tile, tile),
-                    photometric="rgb",
-                    compression="jpeg",
-                    compressionargs={"level": int(quality)},
-                    resolution=res,
-                    resolutionunit="CENTIMETER",
-                    subfiletype=1 if level else 0,
-                    description=description if level == 0 else None,
-                    metadata=None,
-                    maxworkers=maxworkers,
-                    buffersize=ENCODE_BUFFER,
-                )
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
+        for level, (h, w) in enumerate(shapes):
+            # actual per-axis downsample (ceil makes it slightly below downsample**k)
+            res = (1e4 / (mpp * w0 / w), 1e4 / (mpp * h0 / h))
+            tw.write(
+                _tiles(tile_fn, level, (h, w), tile),
+                shape=(h, w, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": int(quality)},
+                resolution=res,
+                resolutionunit="CENTIMETER",
+                subfiletype=1 if level else 0,
+                description=description if level == 0 else None,
+                metadata=None,
+                maxworkers=maxworkers,
+                buffersize=ENCODE_BUFFER,
+            )
     return shapes
 
 

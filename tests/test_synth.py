@@ -49,7 +49,7 @@ def test_pyramid_roundtrip_with_openslide(tmp_path):
 
     out = tmp_path / "pyr.tiff"
     assert write_pyramid_tiff(out, (h, w), tile_fn, mpp=mpp, n_levels=3) == shapes
-    assert not (tmp_path / "pyr.tiff.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["pyr.tiff"]  # no temporary file left beside it
     assert all(th <= 256 and tw <= 256 for *_, th, tw in calls)  # streamed tile by tile
     with openslide.OpenSlide(str(out)) as s:
         assert s.properties[openslide.PROPERTY_NAME_VENDOR] == "generic-tiff"
