@@ -87,14 +87,12 @@ def prepare(slide: Path | None, size: tuple[int, int], cache: Path) -> tuple[Pat
             ok = False
     if not ok:
         code = (
-            "import os, sys, resource; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']\n"
+            "import sys, resource; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']\n"
             "from pathlib import Path\n"
             "slide, store, w, h = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])\n"
             "if not slide.exists():\n"
             "    from make_slide import make_mosaic_slide\n"
-            "    tmp = slide.with_name(f'.{slide.name}.{os.getpid()}.tmp')\n"
-            "    r = make_mosaic_slide(tmp, w, h)\n"
-            "    tmp.replace(slide)\n"
+            "    r = make_mosaic_slide(slide, w, h)  # written atomically\n"
             "    print(f\"built {slide} in {r['seconds']:.1f} s ({r['bytes'] / 2**20:.0f} MiB)\", flush=True)\n"
             "from pipeline.config import TilingConfig\n"
             "from pipeline.tile_stage import tile_to_store\n"
