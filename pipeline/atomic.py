@@ -82,3 +82,9 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 def write_text(final: str | Path, text: str) -> None:
     with atomic_path(final) as tmp:
         tmp.write_text(text)
+
+
+def write_tsv(final: str | Path, table) -> None:
+    """A pandas DataFrame as a tab-separated file without the index, atomically."""
+    with atomic_path(final) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)

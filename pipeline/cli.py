@@ -214,15 +214,13 @@ def _metrics_args(p: argparse.ArgumentParser) -> None:
 @command("summarize-metrics", _metrics_args)
 def _summarize_metrics(args: argparse.Namespace) -> int:
     """Mean ± std over folds per model, with paired t-tests against the reference."""
-    from pipeline.atomic import atomic_path
+    from pipeline.atomic import write_tsv
     from pipeline.metrics import summarize
 
     per_fold, table = summarize(args.metrics, args.reference)
-    with atomic_path(args.out) as tmp:
-        table.to_csv(tmp, sep="\t", index=False)
+    write_tsv(args.out, table)
     if args.per_fold:
-        with atomic_path(args.per_fold) as tmp:
-            per_fold.to_csv(tmp, sep="\t", index=False)
+        write_tsv(args.per_fold, per_fold)
     cols = ["model", "auc", "acc", "balanced_acc", "f1"] + [c for c in table.columns if c.startswith("p_")]
     print(table[cols].to_string(index=False))
     return 0

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import write_tsv
 from pipeline.errors import SheetError
 from pipeline.sheet import SlideRow
 
@@ -62,8 +62,7 @@ def make_splits(rows: list[SlideRow], k: int = 5, val_fraction: float = 0.2, see
 
 def write_splits(rows: list[SlideRow], out: str | Path, k: int = 5, val_fraction: float = 0.2, seed: int = 0) -> pd.DataFrame:
     df = make_splits(rows, k, val_fraction, seed)
-    with atomic_path(out) as tmp:
-        df.to_csv(tmp, sep="\t", index=False)
+    write_tsv(out, df)
     return df
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import write_tsv
 from pipeline.store import store_state
 
 
@@ -37,11 +37,9 @@ def summarize_stores(paths: list[str | Path]) -> pd.DataFrame:
 def write_summary(paths: list[str | Path], table: str | Path, failed: str | Path | None = None) -> pd.DataFrame:
     """Write the per-slide table and, optionally, the failed-slides table (TSV)."""
     df = summarize_stores(paths)
-    with atomic_path(table) as tmp:
-        df.to_csv(tmp, sep="\t", index=False)
+    write_tsv(table, df)
     if failed is not None:
         bad = df[df["status"] != "ok"][["slide_id", "stage", "error"]] if len(df) else df
         bad = bad.drop_duplicates("slide_id", keep="first")  # the earliest stage that failed
-        with atomic_path(failed) as tmp:
-            bad.to_csv(tmp, sep="\t", index=False)
+        write_tsv(failed, bad)
     return df

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import __version__
-from pipeline.atomic import atomic_path, write_text
+from pipeline.atomic import atomic_path, write_text, write_tsv
 from pipeline.bags import BagCache, collate
 from pipeline.config import checked_options
 from pipeline.metrics import classification_metrics
@@ -267,8 +267,7 @@ def train_fold(model_name: str, cache: BagCache, train_ids: list[str], val_ids: 
         **provenance,
     }
     # History first, checkpoint last: a checkpoint on disk always has its own history beside it.
-    with atomic_path(out_dir / "history.tsv") as tmp:
-        pd.DataFrame(history).to_csv(tmp, sep="\t", index=False)
+    write_tsv(out_dir / "history.tsv", pd.DataFrame(history))
     with atomic_path(out_dir / "checkpoint.pt") as tmp:
         torch.save(ckpt, tmp)
     return ckpt
