@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import SlideError
-from pipeline.models.config import order_magnifications
+from pipeline.models.config import magnification_value, order_magnifications
 from pipeline.store import read_attrs, read_feature_store, store_status
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ class Bag:
     label: int
     feats: dict[str, torch.Tensor]  # mag -> (N_t, D_t) float16
     group: dict[str, torch.Tensor]  # mag -> (N_t,) long
-    coords: dict[str, np.ndarray]  # mag -> (N_t, 2) level-0 x, y (for heatmaps)
+    coords: dict[str, np.ndarray]  # mag -> (N_t, 2) level-0 top-left x, y (for heatmaps)
+    xy: dict[str, torch.Tensor]  # mag -> (N_t, 2) float32 level-0 tile centres (OT spatial cost)
 
 
 def group_index(region_ref: np.ndarray, regions: dict[str, np.ndarray], m: int) -> dict[str, np.ndarray]:
@@ -43,6 +44,39 @@ def group_index(region_ref: np.ndarray, regions: dict[str, np.ndarray], m: int) 
             for t, r in regions.items()}
 
 
+def tile_sides(coords: dict[str, np.ndarray]) -> dict[str, float]:
+    """Level-0 side of each magnification's tiles, read off the grid the coordinates lie on.
+
+    Tiles of one magnification sit on a grid of pitch = their side, so the smallest positive
+    step between distinct x (or y) values is the side (exact up to the 1 px rounding of the
+    grid); it is measured on the finest magnification with such a step and scaled to the
+    others by the magnification ratio (the grid is nested). 0.0 when no magnification has two
+    tiles in adjacent columns or rows (a one-tile bag: centres need no offset then).
+    """
+    for mag in order_magnifications(coords):
+        steps = [np.diff(np.unique(np.asarray(coords[mag])[:, k])) for k in (0, 1) if len(coords[mag])]
+        steps = [d[d > 0].min() for d in steps if (d > 0).any()]
+        if steps:
+            side = float(min(steps))
+            return {t: side * magnification_value(mag) / magnification_value(t) for t in coords}
+    return {t: 0.0 for t in coords}
+
+
+def make_bag(slide_id: str, label: int, feats: dict[str, np.ndarray], coords: dict[str, np.ndarray],
+             regions: dict[str, np.ndarray], n_groups: int) -> Bag:
+    """A bag from one slide's per-magnification features, coordinates and region ids: the groups
+    (E1's sequential batches, defined by the finest magnification) and tile centres."""
+    if sum(len(f) for f in feats.values()) == 0:
+        raise SlideError(slide_id, "no tiles with tissue at any magnification")
+    ref = order_magnifications(feats)[0]  # the finest magnification defines the groups
+    group = {m: torch.from_numpy(g) for m, g in group_index(regions[ref], regions, n_groups).items()}
+    side = tile_sides(coords)
+    xy = {m: torch.from_numpy((np.asarray(c, np.float64) + side[m] / 2).astype(np.float32).reshape(-1, 2))
+          for m, c in coords.items()}
+    tensors = {m: torch.from_numpy(np.ascontiguousarray(f)) for m, f in feats.items()}
+    return Bag(slide_id, label, tensors, group, coords, xy)
+
+
 def load_bag(slide_id: str, stores: dict[str, Path], label: int, n_groups: int) -> Bag:
     """One slide's features at every magnification; failed tiles are dropped (masked)."""
     feats, coords, regions = {}, {}, {}
@@ -56,14 +90,8 @@ def load_bag(slide_id: str, stores: dict[str, Path], label: int, n_groups: int) 
             if s.failed.any():
                 keep = ~s.failed
                 s.features, s.coords, s.region = s.features[keep], s.coords[keep], s.region[keep]
-            feats[mag] = torch.from_numpy(np.ascontiguousarray(s.features))
-            coords[mag] = s.coords
-            regions[mag] = s.region
-    ref = order_magnifications(stores)[0]  # the finest magnification defines the groups
-    if sum(len(f) for f in feats.values()) == 0:
-        raise SlideError(slide_id, "no tiles with tissue at any magnification")
-    group = {m: torch.from_numpy(g) for m, g in group_index(regions[ref], regions, n_groups).items()}
-    return Bag(slide_id, label, feats, group, coords)
+            feats[mag], coords[mag], regions[mag] = s.features, s.coords, s.region
+    return make_bag(slide_id, label, feats, coords, regions, n_groups)
 
 
 class BagCache:
@@ -76,6 +104,13 @@ class BagCache:
         self.stores, self.labels, self.n_groups = stores, labels, n_groups
         self._bags: dict[str, Bag] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_bags(cls, bags: list[Bag]) -> BagCache:
+        """A cache over bags already in memory (synthetic benchmarks); `usable` keeps them all."""
+        cache = cls({b.slide_id: {} for b in bags}, {b.slide_id: b.label for b in bags}, n_groups=0)
+        cache._bags = {b.slide_id: b for b in bags}
+        return cache
 
     def usable(self, slide_ids: list[str]) -> list[str]:
         """Slides whose feature stores are all finished and not failed (others are logged)."""
@@ -107,26 +142,30 @@ class BagCache:
 
 
 def collate(bags: list[Bag], mags: list[str]) -> tuple[dict, torch.Tensor]:
-    """Pad bags to the longest per magnification: feats (B, N, D) float16, mask (B, N), group (B, N).
+    """Pad bags to the longest per magnification: feats (B, N, D) float16, mask (B, N), group (B, N),
+    xy (B, N, 2) float32 tile centres.
 
     Built in numpy: collate runs in the trainer's prefetch thread, where torch ops would start
     a second OpenMP team competing with the training step's (see :func:`group_index`).
     """
-    feats, mask, group = {}, {}, {}
+    feats, mask, group, xy = {}, {}, {}, {}
     for m in mags:
         n = max(1, max(len(b.feats[m]) for b in bags))
         d = bags[0].feats[m].shape[1]
         f = np.zeros((len(bags), n, d), dtype=np.float16)  # (B, N, D), as stored (models cast)
         k = np.zeros((len(bags), n), dtype=bool)  # (B, N)
         g = np.full((len(bags), n), -1, dtype=np.int64)  # (B, N)
+        c = np.zeros((len(bags), n, 2), dtype=np.float32)  # (B, N, 2)
         for i, b in enumerate(bags):
             L = len(b.feats[m])
             f[i, :L] = b.feats[m].numpy()
             k[i, :L] = True
             g[i, :L] = b.group[m].numpy()
+            c[i, :L] = b.xy[m].numpy()
         feats[m], mask[m], group[m] = torch.from_numpy(f), torch.from_numpy(k), torch.from_numpy(g)
+        xy[m] = torch.from_numpy(c)
     labels = torch.tensor([b.label for b in bags], dtype=torch.long)
-    return {"feats": feats, "mask": mask, "group": group}, labels
+    return {"feats": feats, "mask": mask, "group": group, "xy": xy}, labels
 
 
 def feature_fingerprints(stores: dict[str, Path]) -> dict[str, str]:

@@ -206,22 +206,24 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("metrics", nargs="+", help="metrics.json files (<model>/<fold>/metrics.json)")
-    p.add_argument("--out", required=True, help="summary table (TSV): mean ± std and paired t-tests")
+    p.add_argument("--out", required=True, help="summary table (TSV): mean ± std, 95 %% CIs, tests")
     p.add_argument("--per-fold", default=None, help="per-fold table (TSV)")
-    p.add_argument("--reference", default="m2otca", help="model the t-tests compare against")
+    p.add_argument("--reference", default="m2otca", help="model the tests compare against")
+    p.add_argument("--splits", default=None, help="splits table: patients for the bootstrap, fold sizes")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs")
 
 
 @command("summarize-metrics", _metrics_args)
 def _summarize_metrics(args: argparse.Namespace) -> int:
-    """Mean ± std over folds per model, with paired t-tests against the reference."""
+    """Mean ± std over folds per model, bootstrap 95 % CIs, and tests against the reference."""
     from pipeline.atomic import write_tsv
     from pipeline.metrics import summarize
 
-    per_fold, table = summarize(args.metrics, args.reference)
+    per_fold, table = summarize(args.metrics, args.reference, args.splits, args.resamples)
     write_tsv(args.out, table)
     if args.per_fold:
         write_tsv(args.per_fold, per_fold)
-    cols = ["model", "auc", "acc", "balanced_acc", "f1"] + [c for c in table.columns if c.startswith("p_")]
+    cols = ["model", "auc", "acc", "balanced_acc", "f1"] + [c for c in table.columns if c.startswith(("p_", "test_"))]
     print(table[cols].to_string(index=False))
     return 0
 
@@ -238,6 +240,22 @@ def _plot_roc(args: argparse.Namespace) -> int:
     from pipeline.metrics import plot_roc
 
     plot_roc(args.predictions, args.out, args.title)
+    return 0
+
+
+def _xattn_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", help="model folders (<models>/<feature set>/<model>) with fold_<k>/")
+    p.add_argument("--out", required=True, help="PNG")
+    p.add_argument("--n-groups", type=int, default=None, help="prototypes m (draws the uniform-plan line)")
+
+
+@command("plot-cross-attention", _xattn_args)
+def _plot_xattn(args: argparse.Namespace) -> int:
+    """What M2OTCA's cross-attention does: OT plan alignment and gradient-weight concentration."""
+    from pipeline.crossattn import plot_cross_attention
+
+    n = plot_cross_attention(args.models, args.out, args.n_groups)
+    logging.info("cross-attention read-outs of %d model(s) -> %s", n, args.out)
     return 0
 
 

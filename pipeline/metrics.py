@@ -1,4 +1,5 @@
-"""Metrics (scikit-learn), cross-fold summaries with paired t-tests (scipy), ROC figures (matplotlib)."""
+"""Metrics (scikit-learn), cross-fold summaries with bootstrap CIs and model comparisons
+(:mod:`pipeline.stats`), ROC figures (matplotlib)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sklearn.metrics import (
 )
 
 from pipeline.atomic import atomic_path
+from pipeline.stats import corrected_resampled_ttest, delong_test, patient_bootstrap
 
 METRICS = ("auc", "acc", "balanced_acc", "f1")
 
@@ -43,29 +45,129 @@ def classification_metrics(y: np.ndarray, prob: np.ndarray, classes: list[str]) 
     }
 
 
-def summarize(metric_files: list[str | Path], reference: str = "m2otca") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-fold table and a mean ± std table with paired t-tests of `reference` against each model."""
+def _binary_metrics(y: np.ndarray, p1: np.ndarray) -> tuple[float, float, float, float]:
+    """(auc, acc, balanced_acc, f1) of binary labels y and positive-class probabilities p1, as
+    :func:`classification_metrics` computes them (tested equal), in plain numpy: the bootstrap
+    calls it thousands of times."""
+    pos = y == 1
+    m, n = int(pos.sum()), int((~pos).sum())
+    auc = ((stats.rankdata(p1)[pos].sum() - m * (m + 1) / 2) / (m * n)) if m and n else np.nan
+    pred = p1 > 0.5  # argmax of two probabilities; a tie (0.5) goes to class 0, as argmax does
+    tp, tn = int((pred & pos).sum()), int((~pred & ~pos).sum())
+    fp, fn = n - tn, m - tp
+    recalls = [r for r in (tp / m if m else None, tn / n if n else None) if r is not None]
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return auc, (tp + tn) / len(y), float(np.mean(recalls)), f1
+
+
+def _load_predictions(metric_files: list[Path]) -> pd.DataFrame:
+    """Every fold's predictions.csv (beside its metrics.json) with model and fold columns."""
+    parts = []
+    for f in metric_files:
+        pred = f.parent / "predictions.csv"
+        if pred.exists():
+            m = json.loads(f.read_text())["model"]
+            parts.append(pd.read_csv(pred, dtype={"slide_id": str, "label": str}).assign(model=m, fold=f.parent.name))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _fold_sizes(splits: pd.DataFrame | None, preds: pd.DataFrame) -> tuple[float, float]:
+    """Mean (training + validation, test) slides per fold, for the corrected resampled t-test."""
+    if splits is not None:
+        folds = [c for c in splits.columns if c.startswith("fold_")]
+        return (float(np.mean([splits[c].isin(["train", "val"]).sum() for c in folds])),
+                float(np.mean([(splits[c] == "test").sum() for c in folds])))
+    n_test = preds.groupby("fold").size().mean()
+    return float(preds["slide_id"].nunique() - n_test), float(n_test)
+
+
+class _ModelPredictions:
+    """One model's pooled test predictions over folds, for patient-level bootstrap CIs."""
+
+    def __init__(self, pred: pd.DataFrame, classes: list[str], patients: dict[str, str]):
+        self.classes = classes
+        self.prob = pred[[f"prob_{c}" for c in classes]].to_numpy(float)  # (R, C)
+        self.y = pred["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()  # (R,)
+        self.fold = pred["fold"].to_numpy()
+        self.patient = pred["slide_id"].map(lambda s: patients.get(s, s)).to_numpy()
+        self.folds = sorted(set(self.fold))
+
+    def metrics(self, rows: np.ndarray) -> np.ndarray:
+        """Mean over folds of (auc, acc, balanced_acc, f1) on `rows` (with repeats)."""
+        out = []
+        for f in self.folds:
+            r = rows[self.fold[rows] == f]
+            if not len(r):
+                continue
+            if len(self.classes) == 2:
+                out.append(_binary_metrics(self.y[r], self.prob[r, 1]))
+            else:
+                m = classification_metrics(self.y[r], self.prob[r], self.classes)
+                out.append(tuple(m[k] for k in METRICS))
+        return np.mean(out, axis=0) if out else np.full(len(METRICS), np.nan)
+
+    def ci(self, n_resamples: int, seed: int = 0) -> dict[str, tuple[float, float]]:
+        low, high = patient_bootstrap(self.patient, self.metrics, n_resamples=n_resamples, seed=seed)
+        return {k: (float(low[i]), float(high[i])) for i, k in enumerate(METRICS)}
+
+
+def _compare(ref: pd.DataFrame, other: pd.DataFrame, classes: list[str], ratio: tuple[float, float] | None,
+             fixed: bool, ref_auc: pd.Series, auc: pd.Series) -> tuple[float, str]:
+    """(p, test name) of the AUC of `other` against `ref`."""
+    if fixed:
+        if len(classes) != 2:
+            return float("nan"), "none (DeLong's test is for two classes)"
+        a = ref.groupby("slide_id")[f"prob_{classes[1]}"].mean()
+        b = other.groupby("slide_id")[f"prob_{classes[1]}"].mean().reindex(a.index)
+        y = (ref.groupby("slide_id")["label"].first().reindex(a.index) == classes[1]).to_numpy()
+        try:
+            _, p = delong_test(y, a.to_numpy(), b.to_numpy())
+        except ValueError:
+            p = float("nan")
+        return p, "DeLong (fold-mean probabilities, one test set)"
+    if ratio is None:
+        return float("nan"), "none (no predictions or splits to size the folds)"
+    both = pd.concat([ref_auc.rename("ref"), auc.rename("other")], axis=1, join="inner").dropna()
+    _, p = corrected_resampled_ttest(both["ref"] - both["other"], *ratio)
+    return p, f"corrected resampled t-test ({len(both)} folds)"
+
+
+def summarize(metric_files: list[str | Path], reference: str = "m2otca", splits: str | Path | None = None,
+              n_resamples: int = 1000) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-fold table, and per model: mean ± std over folds, a patient-level bootstrap 95 % CI of
+    that mean (from the predictions.csv beside each metrics.json) and a test of the AUC against
+    `reference`: DeLong's when every fold tests the same slides (a fixed test set), else the
+    corrected resampled t-test over folds (:mod:`pipeline.stats`)."""
+    metric_files = [Path(f) for f in metric_files]
     rows = []
-    for f in map(Path, metric_files):
+    for f in metric_files:
         m = json.loads(f.read_text())
-        rows.append({"model": m["model"], "fold": f.parent.name, **{k: m[k] for k in METRICS}})
+        rows.append({"model": m["model"], "fold": f.parent.name, "n_test": m.get("n_test"),
+                     **{k: m[k] for k in METRICS}})
     per_fold = pd.DataFrame(rows)
+    preds = _load_predictions(metric_files)
+    split_df = pd.read_csv(splits, sep="\t", dtype=str, keep_default_na=False) if splits else None
+    patients = dict(zip(split_df["slide_id"], split_df["patient_id"])) if split_df is not None else {}
+    classes = sorted(c.removeprefix("prob_") for c in preds.columns if c.startswith("prob_")) if len(preds) else []
+    fixed = len(preds) > 0 and all(
+        g.groupby("fold")["slide_id"].apply(frozenset).nunique() == 1 for _, g in preds.groupby("model"))
+    ratio = _fold_sizes(split_df, preds) if len(preds) or split_df is not None else None
+    ref_auc = per_fold[per_fold["model"] == reference].set_index("fold")["auc"]
     out = []
-    ref = per_fold[per_fold["model"] == reference].set_index("fold")
     for model, g in per_fold.groupby("model", sort=False):
         row = {"model": model, "folds": len(g)}
+        mine = preds[preds["model"] == model] if len(preds) else preds
+        ci = _ModelPredictions(mine, classes, patients).ci(n_resamples) if len(mine) and classes else {}
         for k in METRICS:
             row[f"{k}_mean"], row[f"{k}_std"] = g[k].mean(), g[k].std(ddof=1) if len(g) > 1 else 0.0
-            row[k] = f"{g[k].mean():.3f} ± {row[f'{k}_std']:.3f}"
-        if model != reference and len(ref):
-            both = pd.merge(ref[["auc"]], g.set_index("fold")[["auc"]], left_index=True, right_index=True,
-                            how="inner", suffixes=("_ref", ""))
-            a, b = both["auc_ref"].to_numpy(float), both["auc"].to_numpy(float)
-            ok = np.isfinite(a) & np.isfinite(b)
-            if ok.sum() >= 2 and np.any(a[ok] != b[ok]):
-                row[f"p_auc_vs_{reference}"] = float(stats.ttest_rel(a[ok], b[ok]).pvalue)
-            else:
-                row[f"p_auc_vs_{reference}"] = float("nan")
+            row[f"{k}_ci_low"], row[f"{k}_ci_high"] = ci.get(k, (np.nan, np.nan))
+            interval = "" if np.isnan(row[f"{k}_ci_low"]) else f" [{row[f'{k}_ci_low']:.3f}, {row[f'{k}_ci_high']:.3f}]"
+            row[k] = f"{g[k].mean():.3f} ± {row[f'{k}_std']:.3f}{interval}"
+        if model != reference and len(ref_auc):
+            ref_preds = preds[preds["model"] == reference] if len(preds) else preds
+            p, test = _compare(ref_preds, mine, classes, ratio, fixed and len(ref_preds) > 0 and len(mine) > 0,
+                               ref_auc, g.set_index("fold")["auc"])
+            row[f"p_auc_vs_{reference}"], row[f"test_vs_{reference}"] = p, test
         out.append(row)
     table = pd.DataFrame(out).sort_values("auc_mean", ascending=False)
     return per_fold, table

@@ -45,6 +45,7 @@ MAGS = ("20x", "10x", "5x")
 PER_SIDE = {"20x": 4, "10x": 2, "5x": 1}  # tiles per region side at each magnification
 TILE_PX = {"20x": 448, "10x": 896, "5x": 1792}  # level-0 px per tile side (0.25 µm/px scan, 224 px tiles)
 DECOYS = ("none", "fine", "coarse", "apart")
+POSITIVE_KINDS = ("colocated", "independent")
 ENCODER = "synthetic"
 
 
@@ -60,7 +61,15 @@ class SynthConfig:
     coarse_amp: float = 6.0  # amplitude of u_5 on a lesion 5x tile
     context_amp: float = 0.7  # scale of the shared tissue context A_t z_r
     slide_shift: float = 0.3  # std of the per-slide shift b_s
-    decoys: tuple[str, ...] = DECOYS  # kinds of normal slides, equally likely
+    decoys: tuple[str, ...] = DECOYS  # kinds of normal slides
+    decoy_weights: tuple[float, ...] | None = None  # their probabilities (None: equally likely)
+    # where a positive slide's two pieces of evidence sit: "colocated" (the same regions: the
+    # label needs co-location) or "independent" (each scale's cluster placed on its own, so the
+    # label only needs both scales)
+    positive_kind: str = "colocated"
+    # permute the 5x tiles' features inside each bag (tiles keep their place): co-location is
+    # destroyed, per-scale evidence kept
+    shuffle_coarse: bool = False
     positive_fraction: float = 0.5  # fraction of slides with a lesion (split evenly over classes > 0)
     drop_fine: float = 0.1  # chance that a 20x tile of a border region is missing
     drop_mid: float = 0.05  # same for 10x tiles
@@ -69,12 +78,21 @@ class SynthConfig:
     failed_tiles: float = 0.0  # fraction of tiles marked failed (features zero), all magnifications
     chunk_rows: int = 1024  # rows per stored chunk, as extraction writes them (64 tiles x 16 batches)
     seed: int = 0
+    # seed of the cohort-wide evidence directions and context maps (None: `seed`); cohorts with
+    # different `seed` and the same `world_seed` are independent samples of one task
+    world_seed: int | None = None
 
     def __post_init__(self) -> None:
         self.classes = tuple(self.classes)
         self.regions = tuple(int(v) for v in self.regions)
         self.lesion_regions = tuple(int(v) for v in self.lesion_regions)
         self.decoys = tuple(self.decoys)
+        if self.decoy_weights is not None:
+            self.decoy_weights = tuple(float(w) for w in self.decoy_weights)
+            if len(self.decoy_weights) != len(self.decoys) or min(self.decoy_weights) < 0 or sum(self.decoy_weights) <= 0:
+                raise ValueError(f"decoy_weights must be {len(self.decoys)} non-negative numbers, got {self.decoy_weights}")
+        if self.positive_kind not in POSITIVE_KINDS:
+            raise ValueError(f"positive_kind must be one of {POSITIVE_KINDS}, got {self.positive_kind!r}")
         if len(self.classes) < 2:
             raise ValueError("need at least two classes")
         if not 1 <= self.regions[0] <= self.regions[1]:
@@ -121,7 +139,7 @@ class SynthCohort:
 
 def _directions(cfg: SynthConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Context maps A_t (8, D) and orthonormal evidence directions (n_pos, 2, D), cohort-wide."""
-    rng = np.random.default_rng([cfg.seed, 2**31])
+    rng = np.random.default_rng([cfg.seed if cfg.world_seed is None else cfg.world_seed, 2**31])
     n_pos = len(cfg.classes) - 1
     if 2 * n_pos > cfg.dim:
         raise ValueError("dim too small for the evidence directions")
@@ -200,9 +218,10 @@ def make_slide(i: int, cfg: SynthConfig, label: int, patient_id: str,
     region_ids = cells[:, 0] * cols + cells[:, 1]
 
     if label > 0:
-        kind, cls = "lesion", label - 1
+        kind, cls = ("lesion" if cfg.positive_kind == "colocated" else "independent"), label - 1
     else:
-        kind, cls = str(rng.choice(list(cfg.decoys))), int(rng.integers(len(dirs)))
+        p = None if cfg.decoy_weights is None else np.array(cfg.decoy_weights) / sum(cfg.decoy_weights)
+        kind, cls = str(rng.choice(list(cfg.decoys), p=p)), int(rng.integers(len(dirs)))
     size = int(rng.integers(cfg.lesion_regions[0], cfg.lesion_regions[1] + 1))
     fine_at = coarse_at = np.zeros(0, np.int64)
     if kind == "lesion":
@@ -214,6 +233,9 @@ def make_slide(i: int, cfg: SynthConfig, label: int, patient_id: str,
     elif kind == "apart":
         fine_at = _cluster(rng, cells, size)
         coarse_at = _cluster(rng, cells, size, exclude=fine_at)
+    elif kind == "independent":  # each scale's cluster on its own (they may meet by chance)
+        fine_at = _cluster(rng, cells, size)
+        coarse_at = _cluster(rng, cells, size)
 
     z = rng.standard_normal((len(cells), 8))  # tissue context per region
     shift = rng.standard_normal(cfg.dim) * cfg.slide_shift
@@ -229,6 +251,8 @@ def make_slide(i: int, cfg: SynthConfig, label: int, patient_id: str,
             x[hit] += np.float32(cfg.fine_amp) * dirs[cls, 0].astype(np.float32)
         if t == "5x" and len(coarse_at):
             x[np.isin(ridx, coarse_at)] += np.float32(cfg.coarse_amp) * dirs[cls, 1].astype(np.float32)
+        if t == "5x" and cfg.shuffle_coarse:
+            x = x[rng.permutation(len(x))]
         bad = rng.random(len(ts)) < cfg.failed_tiles
         x[bad] = 0.0
         feats[t], failed[t] = x.astype(np.float16), bad
@@ -342,3 +366,25 @@ def make_cohort(out_dir: str | Path, cfg: SynthConfig | None = None, failed_slid
     assert all(store_status(feature_dir / f"{s}.zarr") in ("ok", "failed") for s in ids)
     return SynthCohort(sheet, feature_dir, ids, {s: cfg.classes[k] for s, k in zip(ids, labels)}, kinds,
                        list(cfg.classes))
+
+
+def synth_bags(cfg: SynthConfig, n_groups: int) -> tuple[list, list[dict[str, float]]]:
+    """Every slide of the cohort as a training bag, in memory, and its oracle scores.
+
+    Bags go through :func:`pipeline.bags.make_bag`, the function that turns a feature store
+    into a bag (groups, tile centres), so a model sees exactly what it would see from stores
+    written by :func:`write_slide` (tested); only the disk round trip is skipped.
+    """
+    from pipeline.bags import make_bag
+
+    labels, patients, _ = assign_slides(cfg)
+    ctx, dirs = _directions(cfg)
+    bags, oracle = [], []
+    for i, (label, patient) in enumerate(zip(labels, patients)):
+        s = make_slide(i, cfg, label, patient, ctx, dirs)
+        keep = {t: ~s.failed[t] for t in MAGS}
+        bags.append(make_bag(f"{s.slide_id}-{cfg.seed}", label, {t: s.feats[t][keep[t]] for t in MAGS},
+                             {t: s.tiles[t].coords[keep[t]] for t in MAGS},
+                             {t: s.tiles[t].region[keep[t]] for t in MAGS}, n_groups))
+        oracle.append(oracle_scores(s, cfg, dirs))
+    return bags, oracle

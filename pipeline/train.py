@@ -40,6 +40,7 @@ from pipeline.bags import BagCache, collate
 from pipeline.config import checked_options
 from pipeline.metrics import classification_metrics
 from pipeline.models import ModelConfig, create_model
+from pipeline.models.diagnostics import cross_attention_stats
 
 log = logging.getLogger(__name__)
 
@@ -195,15 +196,18 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cache: BagCa
 
 def predict(model: torch.nn.Module, cache: BagCache, ids: list[str], mags: list[str], batch_size: int,
             prefetch: int = 2) -> dict[str, Any]:
-    """Class probabilities, branch logits and tile attention for `ids` (model in eval mode)."""
+    """Class probabilities, branch logits, tile attention and cross-attention read-outs
+    (:mod:`pipeline.models.diagnostics`, one value per slide) for `ids` (model in eval mode)."""
     model.eval()
     device = next(model.parameters()).device
-    probs, branch, attn = [], {}, {}
+    probs, branch, attn, stats = [], {}, {}, {}
     for bags, batch, labels in iter_batches(cache, _batches(ids, batch_size, None), mags, prefetch):
         batch, _ = to_device(batch, labels, device)
         with torch.inference_mode():
             out = model(batch)
         probs.append(torch.softmax(out["logits"].float(), -1).cpu().numpy())
+        for k, v in cross_attention_stats(out).items():
+            stats.setdefault(k, []).append(v.numpy())
         for t, v in (out.get("branch_logits") or {}).items():
             branch.setdefault(t, []).append(v.float().cpu().numpy())
         for t, a in (out.get("tile_attention") or {}).items():
@@ -214,6 +218,7 @@ def predict(model: torch.nn.Module, cache: BagCache, ids: list[str], mags: list[
         "prob": np.concatenate(probs) if probs else np.zeros((0, 0)),
         "branch_logits": {t: np.concatenate(v) for t, v in branch.items()},
         "tile_attention": attn,
+        "diagnostics": {k: np.concatenate(v) for k, v in stats.items()},
     }
 
 
@@ -242,7 +247,10 @@ def train_fold(model_name: str, cache: BagCache, train_ids: list[str], val_ids: 
             score = (m["auc"] if np.isfinite(m["auc"]) else 0.5, val_loss)
         else:
             m, val_loss, score = {"auc": float("nan")}, float("nan"), (0.0, float(np.mean(losses)))
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_auc": m["auc"]})
+        diag = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+                for k, v in (val["diagnostics"] if val_ids else {}).items()}
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+                        "val_auc": m["auc"], **diag})
         log.info("%s epoch %d: train loss %.4f, val loss %.4f, val AUC %.4f", model_name, epoch,
                  history[-1]["train_loss"], val_loss, m["auc"])
         if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
@@ -294,6 +302,8 @@ def evaluate_fold(ckpt: dict[str, Any], cache: BagCache, test_ids: list[str], ou
     for t, v in res["branch_logits"].items():
         for c, name in enumerate(classes):
             pred[f"logit_{t}_{name}"] = v[:, c]
+    for k, v in res["diagnostics"].items():
+        pred[k] = v
     metrics = classification_metrics(y, res["prob"], classes)
     metrics.update({"model": ckpt["model_name"], "n_test": len(test_ids), "best_epoch": ckpt["best_epoch"]})
     with atomic_path(out_dir / "predictions.csv") as tmp:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ def _restore_threads():
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -43,3 +45,22 @@ def test_train_step_last_line(tmp_path, capsys):
 def test_train_step_epoch_skipped_is_nan(capsys):
     _load("train_step").main(["--dim", "16", "--reps", "1", "--warmup", "0", "--epoch-slides", "0", "--threads", "1"])
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("epoch_ratio=nan")
+
+
+def test_multiscale_benchmark_tables_and_last_line(tmp_path, capsys):
+    mod = _load("multiscale_benchmark")
+    mod.main(["--out", str(tmp_path), "--seeds", "2", "--train-sizes", "30", "--test-size", "40",
+              "--models", "m2otca,abmil_3", "--jobs", "1", "--epochs", "2", "--patience", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    keys = ["coloc_auc_m2otca", "coloc_auc_abmil3", "delta", "delta_ci_low", "shuffled_auc_m2otca",
+            "control_delta", "ceiling"]
+    m = re.fullmatch(" ".join(f"{k}=(-?[\\d.]+|nan)" for k in keys), out[-1])
+    assert m, out[-1]
+    vals = dict(zip(keys, map(float, m.groups())))
+    assert 0 <= vals["coloc_auc_m2otca"] <= 1 and vals["delta_ci_low"] <= vals["delta"]
+    assert vals["delta"] == pytest.approx(vals["coloc_auc_m2otca"] - vals["coloc_auc_abmil3"], abs=1e-9)
+    runs = __import__("pandas").read_csv(tmp_path / "runs.tsv", sep="\t")
+    assert len(runs) == 3 * 2 * 2  # three tasks x two seeds x two models
+    assert runs.loc[runs.model == "m2otca", "ot_aligned_5x"].between(0, 1).all()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "### coloc, 30 training slides, 2 seeds, 40 test slides" in summary and "per-scale ceiling" in summary

@@ -6,14 +6,17 @@ import pytest
 import torch
 
 from pipeline.models import MODEL_NAMES, ModelConfig, create_model
+from pipeline.models.diagnostics import cross_attention_stats, plan_stats, weight_stats
 from pipeline.models.grouping import assign_groups
-from pipeline.models.ot import prototype_cost, sinkhorn
+from pipeline.models.layers import group_centroids
+from pipeline.models.ot import prototype_cost, sinkhorn, spatial_cost
 
 MAGS = ("20x", "10x", "5x")
 IN_DIMS = {"20x": 24, "10x": 16, "5x": 12}
 N_CLASSES = 3
 M = 6
-TILES_PER_REGION = {"20x": 4, "10x": 2, "5x": 1}
+TILES_PER_REGION = {"20x": 4, "10x": 2, "5x": 1}  # at most, per region
+PER_SIDE = {"20x": 4, "10x": 2, "5x": 1}  # grid cells per region side (nested grid)
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -22,36 +25,56 @@ def small_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def make_bag(n_regions: int, seed: int, m: int = M) -> dict:
-    """One unpadded bag: per magnification feats (N_t, D_t), group (N_t,)."""
+REGION_PX = 1024.0  # level-0 side of a region (one 5x tile) in the test bags
+REGION_COLS = 5
+
+
+def tile_centres(regions: torch.Tensor, per_side: int) -> torch.Tensor:
+    """(N, 2) level-0 centres of the tiles of `regions` (a region's k-th tile at its k-th cell)."""
+    side = REGION_PX / per_side
+    rank = torch.zeros_like(regions)
+    for r in regions.unique():  # k-th tile of its region
+        idx = (regions == r).nonzero().squeeze(1)
+        rank[idx] = torch.arange(len(idx))
+    ry, rx = regions // REGION_COLS, regions % REGION_COLS
+    cy, cx = rank // per_side, rank % per_side
+    return torch.stack([rx * REGION_PX + (cx + 0.5) * side, ry * REGION_PX + (cy + 0.5) * side], 1).float()
+
+
+def make_bag(n_regions: int, seed: int, m: int = M, full: bool = False) -> dict:
+    """One unpadded bag: per magnification feats (N_t, D_t), group (N_t,), xy (N_t, 2) centres.
+    `full`: every region has all its tiles at every magnification."""
     gen = torch.Generator().manual_seed(seed)
     regions = {}
     for t in MAGS:
         # variable tiles per region (0 allowed below 20x) so counts are uneven
         k = torch.randint(0, TILES_PER_REGION[t] + 1, (n_regions,), generator=gen)
-        if t == "20x":
-            k = k.clamp_min(1)
+        if t == "20x" or full:
+            k = k.clamp_min(1) if not full else torch.full_like(k, TILES_PER_REGION[t])
         regions[t] = torch.arange(n_regions).repeat_interleave(k)
     groups = assign_groups(regions["20x"], regions, m)
     return {
         "feats": {t: torch.randn(len(regions[t]), IN_DIMS[t], generator=gen) for t in MAGS},
         "group": groups,
+        "xy": {t: tile_centres(regions[t], PER_SIDE[t]) for t in MAGS},
     }
 
 
 def collate(bags: list[dict], pad_extra: int = 0) -> dict:
     """Pad bags to a batch; ``pad_extra`` adds padding beyond the longest bag."""
-    batch = {"feats": {}, "mask": {}, "group": {}}
+    batch = {"feats": {}, "mask": {}, "group": {}, "xy": {}}
     for t in MAGS:
         n = max(b["group"][t].numel() for b in bags) + pad_extra
         feats = torch.zeros(len(bags), n, IN_DIMS[t])
         mask = torch.zeros(len(bags), n, dtype=torch.bool)
         group = torch.full((len(bags), n), -1, dtype=torch.long)
+        xy = torch.full((len(bags), n, 2), 5e5)  # padding garbage must not matter
         for i, b in enumerate(bags):
             k = b["group"][t].numel()
             feats[i, :k], mask[i, :k], group[i, :k] = b["feats"][t], True, b["group"][t]
+            xy[i, :k] = b["xy"][t]
             feats[i, k:] = 7.0  # padding garbage must not matter
-        batch["feats"][t], batch["mask"][t], batch["group"][t] = feats, mask, group
+        batch["feats"][t], batch["mask"][t], batch["group"][t], batch["xy"][t] = feats, mask, group, xy
     return batch
 
 
@@ -200,16 +223,37 @@ def test_empty_groups_are_masked():
     torch.testing.assert_close(out["proto_attention"]["20x"].sum(), torch.tensor(1.0))
 
 
-def test_bag_without_low_magnification_tiles():
-    bags = [make_bag(8, seed=21), make_bag(5, seed=22)]
-    bags[1]["feats"]["5x"] = bags[1]["feats"]["5x"][:0]
-    bags[1]["group"]["5x"] = bags[1]["group"]["5x"][:0]
-    for name in ("m2otca", "m2otca_b", "m2otca_c"):
-        model = build(name).train()
-        out = model(collate(bags), torch.tensor([0, 1]))
-        assert torch.isfinite(out["logits"]).all()
+def _truncate(bag: dict, t: str, n: int) -> None:
+    for k in ("feats", "group", "xy"):
+        bag[k][t] = bag[k][t][:n]
+
+
+M2OTCA_FAMILY = ("m2otca", "m2otca_paper", "m2otca_b", "m2otca_c")
+
+
+@pytest.mark.parametrize("cost", ["spatial", "feature", "feature+spatial"])
+def test_bags_without_low_magnification_tiles_or_with_one_group(cost):
+    bags = [make_bag(8, seed=21), make_bag(5, seed=22), make_bag(6, seed=23), make_bag(1, seed=24)]
+    _truncate(bags[1], "5x", 0)  # no 5x tile
+    _truncate(bags[1], "10x", 0)  # nor 10x
+    keep = bags[2]["group"]["5x"] == bags[2]["group"]["5x"][0]  # one valid 5x group
+    for k in ("feats", "group", "xy"):
+        bags[2][k]["5x"] = bags[2][k]["5x"][keep]
+    # bags[3]: one region, a single valid group at every magnification
+    for name in M2OTCA_FAMILY:
+        model = build(name, ot_cost=cost).train()
+        out = model(collate(bags), torch.tensor([0, 1, 2, 1]))
+        assert torch.isfinite(out["logits"]).all(), name
         out["logits"].sum().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        with torch.inference_mode():
+            ev = model.eval()(collate(bags))
+        assert torch.isfinite(ev["logits"]).all(), name
+        for t, att in ev["tile_attention"].items():
+            assert torch.isfinite(att).all(), (name, t)
+        for k, v in cross_attention_stats(ev).items():
+            assert torch.isfinite(v[[0, 2]]).all(), (name, k, v)
+            assert k.startswith("gw_") or torch.isnan(v[1]), (name, k)  # no plan without columns
 
 
 def test_group_index_out_of_range_fails(batch):
@@ -496,12 +540,9 @@ def test_transmil_matches_per_bag_reference():
 def test_transmil_single_tile_and_empty_magnification():
     bags = [make_bag(8, seed=31), make_bag(1, seed=32), make_bag(4, seed=33)]
     for t in ("10x", "5x"):  # bag 1: one 20x tile and nothing below; bag 2: nothing at 5x
-        bags[1]["feats"][t] = bags[1]["feats"][t][:0]
-        bags[1]["group"][t] = bags[1]["group"][t][:0]
-    bags[1]["feats"]["20x"] = bags[1]["feats"]["20x"][:1]
-    bags[1]["group"]["20x"] = bags[1]["group"]["20x"][:1]
-    bags[2]["feats"]["5x"] = bags[2]["feats"]["5x"][:0]
-    bags[2]["group"]["5x"] = bags[2]["group"]["5x"][:0]
+        _truncate(bags[1], t, 0)
+    _truncate(bags[1], "20x", 1)
+    _truncate(bags[2], "5x", 0)
     batch = collate(bags)
     labels = torch.tensor([0, 1, 2])
     for name in ("abmil_3", "transmil_3"):  # same convention as ABMIL_3
@@ -537,3 +578,120 @@ def test_transmil_ppeg_is_three_depthwise_convs_plus_identity():
     torch.testing.assert_close(p(g), g + p.proj7(g) + p.proj5(g) + p.proj3(g))
     with pytest.raises(ValueError, match="divisible by 8"):
         create_model("transmil_3", IN_DIMS, N_CLASSES, small_cfg(d=36))
+
+
+# ---------------------------------------------------------------- aligned cross-attention
+
+
+def test_group_centroids_exact_at_slide_scale():
+    xy = torch.tensor([[[1e5 + 0.5, 2e5 + 0.5], [1e5 + 1.5, 2e5 + 2.5], [3.0, 4.0], [9.0, 9.0]]])
+    group = torch.tensor([[0, 0, 2, -1]])
+    valid = torch.tensor([[True, True, True, False]])
+    c = group_centroids(xy, group, valid, 3)
+    torch.testing.assert_close(c[0], torch.tensor([[1e5 + 1.0, 2e5 + 1.5], [0.0, 0.0], [3.0, 4.0]]))
+
+
+def test_spatial_cost_in_group_spacings():
+    grid = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 1.0]]).unsqueeze(0)  # (1, 4, 2)
+    rows = torch.tensor([[True, True, True, True]])
+    cols = torch.tensor([[True, True, False, True]])
+    c = spatial_cost(grid * 700.0, grid * 700.0, rows, cols)
+    torch.testing.assert_close(c, spatial_cost(grid, grid, rows, cols))  # scale-free
+    assert (torch.diagonal(c[0])[cols[0]] == 0).all()  # aligned pairs cost nothing
+    assert c[0, 0, 1] == pytest.approx(1.0) and c[0, 1, 3] == pytest.approx(2.0)  # one spacing: 1
+    assert (c[0, :, 2] == 0).all()  # invalid column: 0, masked
+    one = spatial_cost(grid[:, :1], grid, rows[:, :1], cols)  # a single valid row: spacing 1 px
+    assert torch.isfinite(one).all()
+
+
+def test_spatial_plan_keeps_tissue_aligned_paper_plan_does_not():
+    """Group u is the same tissue at every magnification: the default plan puts its mass on
+    (u, u); the paper's feature cost spreads it over the bag (the issue's diagnosis)."""
+    batch = collate([make_bag(n, seed=40 + n, full=True) for n in (12, 9, 15)])
+    outs = {}
+    for name in ("m2otca", "m2otca_paper"):
+        with torch.no_grad():
+            outs[name] = cross_attention_stats(build(name, dropout=0.0).eval()(batch))
+    assert (outs["m2otca"]["ot_aligned_5x"] > 0.95).all()
+    assert (outs["m2otca"]["ot_support_5x"] < 1.3).all()
+    assert (outs["m2otca_paper"]["ot_aligned_5x"] < 0.7).all()
+    assert (outs["m2otca_paper"]["ot_support_5x"] > 1.5).all()
+
+
+def test_spatial_cost_needs_tile_centres(batch):
+    no_xy = {k: v for k, v in batch.items() if k != "xy"}
+    with pytest.raises(ValueError, match="ot_cost='spatial' needs the tiles' level-0 centres"):
+        build("m2otca")(no_xy)
+    assert torch.isfinite(build("m2otca_paper").eval()(no_xy)["logits"]).all()  # feature cost: no need
+
+
+@pytest.mark.parametrize("weighting", ["input", "mean"])
+@pytest.mark.parametrize("target", ["positive", "predicted"])
+def test_grad_weights_are_the_documented_gradient_read_out(batch, weighting, target):
+    model = build("m2otca", dropout=0.0, grad_weighting=weighting, grad_class=target).eval()
+    with torch.no_grad():
+        out = model(batch)
+    p1, valid, _, _ = model.e1["20x"](batch["feats"]["20x"], batch["mask"]["20x"], batch["group"]["20x"])
+    leaf = p1.detach().requires_grad_(True)
+    logits, _, _ = model.e2["20x"](leaf, valid)
+    if target == "positive":  # log-odds of the classes after the first
+        score = torch.logsumexp(logits[:, 1:], -1) - logits[:, 0]
+    else:
+        score = logits.gather(1, logits.argmax(-1, keepdim=True)).squeeze(1)
+    (g,) = torch.autograd.grad(score.sum(), leaf)
+    raw = (g * leaf).sum(-1) if weighting == "input" else g.mean(-1)
+    w = torch.relu(raw) * valid
+    w = torch.where(w.sum(1, keepdim=True) > 0, w * valid.sum(1, keepdim=True) / w.sum(1, keepdim=True),
+                    valid.float())
+    torch.testing.assert_close(out["grad_weights"], w, atol=1e-5, rtol=1e-5)
+
+
+def test_diagnostic_read_outs_of_known_plans_and_weights():
+    n = 5
+    uniform = torch.full((1, n, n), 1.0 / (n * n))
+    identity = torch.eye(n).unsqueeze(0) / n
+    a, s = plan_stats(torch.cat([uniform, identity]))
+    torch.testing.assert_close(a, torch.tensor([1 / n, 1.0]))
+    torch.testing.assert_close(s, torch.tensor([float(n), 1.0]))
+    masked = torch.zeros(1, n, n)
+    masked[0, :2, :2] = 0.25  # two valid groups, uniform between them
+    a, s = plan_stats(masked)
+    assert a.item() == pytest.approx(0.5) and s.item() == pytest.approx(2.0)
+    w = torch.tensor([[1.0] * 10 + [0.0] * 2, [5.0, 5.0] + [0.0] * 8 + [0.0, 0.0]])  # sums 10: 10 valid
+    peak, top = weight_stats(w)
+    torch.testing.assert_close(peak, torch.tensor([1.0, 5.0]))
+    torch.testing.assert_close(top, torch.tensor([0.1, 0.5]))
+
+
+def test_model_config_errors_name_the_key_and_the_allowed_values():
+    for bad, msg in (({"ot_cost": "euclid"}, r"ot_cost must be one of \('spatial', 'feature\+spatial', 'feature'\)"),
+                     ({"grad_weighting": 3}, "grad_weighting must be one of"),
+                     ({"grad_class": "oracle"}, "grad_class must be one of"),
+                     ({"ot_spatial_weight": -1}, "ot_spatial_weight must be >= 0"),
+                     ({"ot_spatial_weight": "x"}, "ot_spatial_weight must be a number"),
+                     ({"n_groups": 2.5}, "n_groups must be a positive int")):
+        with pytest.raises(ValueError, match=msg) as err:
+            ModelConfig.from_dict(bad)
+        assert "\n" not in str(err.value)
+
+
+def test_workflow_schema_lists_every_model_config_field_with_its_default_and_choices():
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.models import MODEL_NAMES
+    from pipeline.models import config as mc
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    props = schema["properties"]["training"]["properties"]["model"]["properties"]
+    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    assert set(props) == set(fields)
+    for name, default in fields.items():
+        assert props[name]["default"] == default, name
+    choices = {"ot_cost": mc.OT_COSTS, "grad_weighting": mc.GRAD_WEIGHTINGS, "grad_class": mc.GRAD_CLASSES,
+               "grad_apply": mc.GRAD_APPLY}
+    for name, allowed in choices.items():
+        assert tuple(props[name]["enum"]) == allowed, name
+    assert tuple(schema["properties"]["models"]["items"]["enum"]) == MODEL_NAMES

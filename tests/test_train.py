@@ -11,16 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from pipeline.bags import cohort_cache, collate, group_index
-from pipeline.metrics import METRICS, classification_metrics, summarize
+from pipeline.bags import cohort_cache, collate, group_index, tile_sides
+from pipeline.metrics import METRICS, classification_metrics
 from pipeline.models import ModelConfig, assign_groups, create_model
 from pipeline.sheet import SlideRow, read_sheet
 from pipeline.splits import fold_names, make_splits, read_splits, write_splits
 from pipeline.store import read_feature_store
-from pipeline.synthbags import MAGS, TILE_PX, SynthConfig, make_cohort, make_slide
+from pipeline.synthbags import MAGS, TILE_PX, SynthConfig, make_cohort, make_slide, synth_bags
 from pipeline.train import TrainConfig, evaluate_fold, iter_batches, predict, train_fold
 
 TINY = dict(dim=16, regions=(12, 24), lesion_regions=(2, 3))
@@ -119,6 +118,40 @@ def test_cohort_stores_and_sheet(cohort, loaded):
     # reused when complete, same bytes as a fresh generation
     again = make_cohort(cohort.sheet.parent, tiny_cfg(), failed_slides=2)
     assert again.kinds == cohort.kinds
+
+
+def test_tile_sides_from_the_grid_and_centres_in_bags():
+    rng = np.random.default_rng(1)
+    f = 447.6  # level-0 px of a 20x tile, fractional as on real scans (rounded on the grid)
+    coords = {}
+    for t, k in (("20x", 1), ("10x", 2), ("5x", 4)):
+        cells = rng.choice(400, size=30, replace=False)
+        coords[t] = np.stack([np.rint((cells % 20) * k * f), np.rint((cells // 20) * k * f)], 1).astype(np.int64)
+    side = tile_sides(coords)
+    for t, k in (("20x", 1), ("10x", 2), ("5x", 4)):
+        assert abs(side[t] - k * f) <= k  # the 1-px rounding of the grid, scaled
+    one = {"20x": np.array([[100, 200]]), "5x": np.array([[0, 0]])}
+    assert tile_sides(one) == {"20x": 0.0, "5x": 0.0}  # no step to read: no offset
+    only_coarse = {"20x": np.array([[0, 0]]), "5x": np.array([[0, 0], [1790, 0]])}
+    assert tile_sides(only_coarse) == {"20x": 1790 / 4, "5x": 1790.0}
+
+
+def test_bags_in_memory_equal_bags_loaded_from_stores(cohort):
+    """The benchmarks' in-memory bags are the bags training reads from feature stores."""
+    cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, MODEL["n_groups"])
+    mem, _ = synth_bags(tiny_cfg(), MODEL["n_groups"])
+    for b in mem[:5]:
+        sid = b.slide_id.rsplit("-", 1)[0]
+        stored = cache[sid]
+        assert b.label == stored.label
+        for t in MAGS:
+            assert torch.equal(b.feats[t], stored.feats[t]) and torch.equal(b.group[t], stored.group[t])
+            assert torch.equal(b.xy[t], stored.xy[t]) and np.array_equal(b.coords[t], stored.coords[t])
+            np.testing.assert_allclose(b.xy[t].numpy(), stored.coords[t] + TILE_PX[t] / 2)  # tile centres
+    batch, _ = collate([mem[0], mem[1]], list(MAGS))
+    n0 = len(mem[0].feats["5x"])
+    assert batch["xy"]["5x"].shape[:2] == batch["mask"]["5x"].shape
+    assert torch.equal(batch["xy"]["5x"][0, :n0], mem[0].xy["5x"])
 
 
 def test_failed_tiles_dropped_from_bags(tmp_path):
@@ -331,6 +364,30 @@ def test_evaluate_fold_outputs(cohort, loaded, tmp_path):
     assert att[f"{val_ids[0]}|20x|attention"].shape == (len(cache[val_ids[0]].feats["20x"]),)
 
 
+def test_cross_attention_read_outs_in_history_predictions_and_figure(cohort, loaded, tmp_path):
+    from pipeline.crossattn import plot_cross_attention
+
+    cache, classes, ids = loaded
+    train_ids, val_ids = _parts(ids, cohort.labels)
+    models = tmp_path / "models"
+    for name in ("m2otca", "abmil_3"):
+        ckpt = _train(cache, classes, train_ids, val_ids, models / name / "fold_0", model=name, epochs=2)
+        evaluate_fold(ckpt, cache, val_ids, models / name / "fold_0")
+    hist = pd.read_csv(models / "m2otca" / "fold_0" / "history.tsv", sep="\t")
+    pred = pd.read_csv(models / "m2otca" / "fold_0" / "predictions.csv")
+    read_outs = {"ot_aligned_10x", "ot_aligned_5x", "ot_support_10x", "ot_support_5x", "gw_peak", "gw_top10"}
+    assert read_outs <= set(hist.columns) and read_outs <= set(pred.columns)
+    assert ((hist["ot_aligned_5x"] > 0) & (hist["ot_aligned_5x"] <= 1)).all()
+    assert (pred["gw_top10"].between(0.1 - 1e-6, 1)).all() and (pred["ot_support_5x"] >= 1 - 1e-6).all()
+    assert not read_outs & set(pd.read_csv(models / "abmil_3" / "fold_0" / "history.tsv", sep="\t").columns)
+    out = tmp_path / "xattn.png"
+    assert plot_cross_attention([models / "m2otca", models / "abmil_3"], out, n_groups=4) == 1
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out).shape[0] > 200  # one row of panels
+    assert plot_cross_attention([models / "abmil_3"], tmp_path / "none.png") == 0
+
+
 def test_three_classes_macro_ovr_auc(tmp_path):
     c3 = make_cohort(tmp_path / "c3", tiny_cfg(n_slides=18, classes=("a", "b", "c"), positive_fraction=0.67, seed=5))
     cache, classes = cohort_cache(c3.sheet, c3.feature_dirs, MODEL["n_groups"])
@@ -351,30 +408,6 @@ def test_three_classes_macro_ovr_auc(tmp_path):
     got = classification_metrics(y3, p3, ["a", "b", "c"])
     assert got["auc"] == pytest.approx(roc_auc_score(y3, p3, multi_class="ovr", average="macro"))
     assert got["acc"] == pytest.approx(4 / 6)
-
-
-def test_summarize_mean_std_and_paired_t_test(tmp_path):
-    aucs = {"m2otca": [0.9, 0.85, 0.8, 0.95, 0.88], "abmil_3": [0.7, 0.8, 0.72, 0.9, 0.75],
-            "same": [0.9, 0.85, 0.8, 0.95, 0.88]}
-    files = []
-    for model, vals in aucs.items():
-        for f, a in enumerate(vals):
-            p = tmp_path / model / f"fold_{f}" / "metrics.json"
-            p.parent.mkdir(parents=True)
-            p.write_text(json.dumps({"model": model, "auc": a, "acc": a - 0.1, "balanced_acc": a - 0.05, "f1": a - 0.2}))
-            files.append(p)
-    per_fold, table = summarize(files, reference="m2otca")
-    assert len(per_fold) == 15
-    t = table.set_index("model")
-    ref, base = np.array(aucs["m2otca"]), np.array(aucs["abmil_3"])
-    assert t.loc["abmil_3", "auc_mean"] == pytest.approx(base.mean())
-    assert t.loc["abmil_3", "auc_std"] == pytest.approx(base.std(ddof=1))
-    assert t.loc["abmil_3", "auc"] == f"{base.mean():.3f} ± {base.std(ddof=1):.3f}"
-    assert t.loc["abmil_3", "acc_mean"] == pytest.approx((base - 0.1).mean())
-    assert t.loc["abmil_3", "p_auc_vs_m2otca"] == pytest.approx(stats.ttest_rel(ref, base).pvalue)
-    assert np.isnan(t.loc["same", "p_auc_vs_m2otca"])  # identical folds: no test
-    assert np.isnan(t.loc["m2otca", "p_auc_vs_m2otca"])
-    assert list(table["model"])[-1] == "abmil_3"  # sorted by mean AUC
 
 
 def test_cli_splits_train_evaluate_summarize(cohort, tmp_path, capsys):

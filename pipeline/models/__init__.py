@@ -2,7 +2,10 @@
 
 ``create_model(name, in_dims, n_classes, cfg)`` builds any model of ``MODEL_NAMES``:
 
-- ``m2otca``: full M2OTCA (OT + gradient cross-attention);
+- ``m2otca``: full M2OTCA (OT + gradient cross-attention) as configured (default: a spatial OT
+  cost that keeps tissue aligned, gradient x input weights of the "positive" target);
+- ``m2otca_paper``: full M2OTCA with the paper's cross-attention whatever the config says
+  (feature OT cost, mean-gradient weights of the 20x branch's predicted class);
 - ``m2otca_a``: ablation M_A, no cross-attention;
 - ``m2otca_b``: ablation M_B, gradient cross-attention only;
 - ``m2otca_c``: ablation M_C, OT cross-attention only;
@@ -23,10 +26,12 @@ the cross-entropy on ``logits``; the others never return it, so a trainer can al
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from .abmil import ABMIL, ABMIL3, CLAMSB3
-from .config import ModelConfig
+from .config import PAPER_CROSS_ATTENTION, ModelConfig
 from .grouping import assign_groups
 from .m2otca import M2OTCA
 from .ot import sinkhorn
@@ -35,6 +40,7 @@ from .transmil import TransMIL, TransMIL3
 # name -> (use_ot, use_grad) for the M2OTCA family
 _M2OTCA_VARIANTS = {
     "m2otca": (True, True),
+    "m2otca_paper": (True, True),
     "m2otca_a": (False, False),
     "m2otca_b": (False, True),
     "m2otca_c": (True, False),
@@ -59,6 +65,8 @@ def create_model(
         raise ValueError(f"n_classes must be >= 2, got {n_classes}")
     if name in _M2OTCA_VARIANTS:
         use_ot, use_grad = _M2OTCA_VARIANTS[name]
+        if name == "m2otca_paper":
+            cfg = dataclasses.replace(cfg, **PAPER_CROSS_ATTENTION)
         return M2OTCA(dict(in_dims), n_classes, cfg, use_ot=use_ot, use_grad=use_grad)
     if name in _ABMIL_SINGLE:
         mag = _ABMIL_SINGLE[name]

@@ -7,7 +7,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-GRAD_CLASSES = ("predicted", "label")
+OT_COSTS = ("spatial", "feature+spatial", "feature")
+GRAD_WEIGHTINGS = ("input", "mean")
+GRAD_APPLY = ("attention", "scale")
+GRAD_CLASSES = ("positive", "predicted", "label")
+# M2OTCA exactly as the paper's listing: feature cost, mean-gradient weights of the predicted class
+PAPER_CROSS_ATTENTION = {"ot_cost": "feature", "grad_weighting": "mean", "grad_class": "predicted",
+                         "grad_apply": "scale", "grad_floor": 0.0}
 
 
 @dataclass
@@ -23,16 +29,40 @@ class ModelConfig:
     # dropout after the per-tile input projection (E1 and the ABMIL baselines); E2 has none,
     # so the Grad-CAM recomputation of the 20x head is exactly the head used in the forward
     dropout: float = 0.25
-    # entropic regularisation of the OT cross-attention (cost is scaled to [0, 1])
+    # cost of the OT cross-attention between 20x group u and group j of a coarser magnification:
+    # "spatial" (squared distance between the groups' tissue centroids, in units of the bag's
+    # group spacing: the plan keeps tissue aligned), "feature" (the paper: L2 distance between the
+    # prototypes, scaled per bag to [0, 1]; position-blind) or "feature+spatial" (their sum)
+    ot_cost: str = "spatial"
+    # weight of the spatial term in the OT cost (an adjacent group costs ot_spatial_weight)
+    ot_spatial_weight: float = 1.0
+    # entropic regularisation of the OT cross-attention
     sinkhorn_eps: float = 0.1
     # maximum number of log-domain Sinkhorn iterations
     sinkhorn_max_iter: int = 100
     # stop a bag's Sinkhorn once the L2 error of its column marginal is below this (0: always
     # run sinkhorn_max_iter iterations)
     sinkhorn_tol: float = 1e-3
-    # class c of the gradient cross-attention: "predicted" (20x branch argmax, always used at
-    # evaluation) or "label" (ground truth, only when the model is training and labels are given)
-    grad_class: str = "predicted"
+    # gradient cross-attention weight of 20x prototype u, from g = d target / d P1_20[u]:
+    # "input" (ReLU(g . P1_20[u]), the prototype's first-order contribution to the target, as in
+    # Grad-CAM's gradient x activation) or "mean" (the paper: ReLU(mean_d g), whose sign follows
+    # the mean of the classifier row rather than the evidence)
+    grad_weighting: str = "input"
+    # target of the gradient cross-attention: "positive" (log-odds of any class but the first,
+    # e.g. tumor vs normal: the same target for every bag, so the weights mark the evidence even
+    # when the 20x branch alone predicts the first class), "predicted" (the paper: the 20x branch's
+    # argmax logit) or "label" (ground truth while training with labels, "predicted" otherwise)
+    grad_class: str = "positive"
+    # how the weights w act on a coarser magnification's prototypes P2 (rows = 20x groups), with
+    # c = grad_floor + (1 - grad_floor) * w (mean 1 over valid groups): "scale" (the paper:
+    # P2 <- c * P2, which also changes each prototype's magnitude) or "attention" (E2's attention
+    # over P2 is multiplied by c and renormalised: the 20x gradients decide where the coarser
+    # branch looks, its features stay as they are)
+    grad_apply: str = "attention"
+    # share of the weight every group keeps whatever its gradient: 0 is the paper (a group with
+    # w = 0 is erased, so evidence away from the 20x evidence is lost, which hurts tasks that do
+    # not need co-location)
+    grad_floor: float = 0.5
     # CLAM-SB baseline: attention-ranked tiles per bag and class for the instance loss
     clam_k_sample: int = 8
     # CLAM-SB baseline: weight of the bag loss in bag_weight * CE + (1 - bag_weight) * instance
@@ -45,7 +75,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
-        for name in ("dropout", "sinkhorn_eps", "sinkhorn_tol", "clam_bag_weight"):
+        for name in ("dropout", "ot_spatial_weight", "grad_floor", "sinkhorn_eps", "sinkhorn_tol",
+                     "clam_bag_weight"):
             value = getattr(self, name)
             if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
                 try:
@@ -65,10 +96,22 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.clam_bag_weight must be in (0, 1], got {self.clam_bag_weight}"
             )
-        if self.grad_class not in GRAD_CLASSES:
+        if not 0.0 <= self.grad_floor <= 1.0:
+            raise ValueError(f"ModelConfig.grad_floor must be in [0, 1], got {self.grad_floor}")
+        if self.ot_spatial_weight < 0:
             raise ValueError(
-                f"ModelConfig.grad_class must be one of {GRAD_CLASSES}, got {self.grad_class!r}"
+                f"ModelConfig.ot_spatial_weight must be >= 0, got {self.ot_spatial_weight}"
             )
+        for name, allowed in (
+            ("ot_cost", OT_COSTS),
+            ("grad_weighting", GRAD_WEIGHTINGS),
+            ("grad_class", GRAD_CLASSES),
+            ("grad_apply", GRAD_APPLY),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> ModelConfig:

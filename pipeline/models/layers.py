@@ -119,6 +119,17 @@ def segment_attention_pool(
     return pooled, att.sum(dim=1), member.any(dim=2)  # (B, m, d), (B, N), (B, m)
 
 
+def group_centroids(
+    xy: torch.Tensor, group: torch.Tensor, valid: torch.Tensor, m: int
+) -> torch.Tensor:
+    """Mean tile centre of each of ``m`` groups: xy (B, N, 2) level-0 px -> (B, m, 2), 0 where a
+    group is empty. Summed in float64, so 20,000 tiles at 100k px stay exact to a pixel."""
+    groups = torch.arange(m, device=group.device).view(1, m, 1)  # (1, m, 1)
+    member = ((group.unsqueeze(1) == groups) & valid.unsqueeze(1)).double()  # (B, m, N)
+    total = torch.bmm(member, xy.double())  # (B, m, 2)
+    return (total / member.sum(2, keepdim=True).clamp_min(1.0)).float()  # (B, m, 2)
+
+
 class AttentionHead(nn.Module):
     """Gated-attention MIL pooling over K items followed by a linear classifier.
 
@@ -132,10 +143,19 @@ class AttentionHead(nn.Module):
         self.classifier = nn.Linear(d, n_classes)
 
     def forward(
-        self, h: torch.Tensor, mask: torch.Tensor
+        self, h: torch.Tensor, mask: torch.Tensor, prior: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h (B, K, d), mask (B, K) -> logits (B, C), attention (B, K), embedding (B, d)."""
-        att = masked_softmax(self.attn(h), mask)  # (B, K)
+        """h (B, K, d), mask (B, K) -> logits (B, C), attention (B, K), embedding (B, d).
+
+        ``prior`` (B, K) >= 0 multiplies the attention before it is renormalised (softmax of
+        score + log prior); items with prior 0 get none, unless every real item has 0.
+        """
+        scores = self.attn(h)  # (B, K)
+        if prior is not None:
+            usable = mask & (prior > 0)  # (B, K)
+            mask = torch.where(usable.any(1, keepdim=True), usable, mask)  # all-zero prior: ignored
+            scores = scores + torch.log(prior.clamp_min(torch.finfo(prior.dtype).tiny))
+        att = masked_softmax(scores, mask)  # (B, K)
         z = torch.bmm(att.unsqueeze(1), h).squeeze(1)  # (B, d)
         return self.classifier(z), att, z  # (B, C), (B, K), (B, d)
 

@@ -55,8 +55,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import ModelConfig, order_magnifications
-from .layers import AttentionHead, FeatureProjection, GatedAttention, segment_attention_pool
-from .ot import prototype_cost, sinkhorn
+from .layers import (
+    AttentionHead,
+    FeatureProjection,
+    GatedAttention,
+    group_centroids,
+    segment_attention_pool,
+)
+from .ot import prototype_cost, sinkhorn, spatial_cost
 
 
 class PrototypeEncoder(nn.Module):
@@ -107,24 +113,64 @@ class M2OTCA(nn.Module):
         self.fuse = nn.Linear(len(self.mags) * n_classes, n_classes)
 
     def grad_weights(
-        self, p1_ref: torch.Tensor, valid_ref: torch.Tensor, target: torch.Tensor
+        self, p1_ref: torch.Tensor, valid_ref: torch.Tensor, target: torch.Tensor | None
     ) -> torch.Tensor:
-        """Grad-CAM prototype weights (B, m), a constant; see the module docstring."""
+        """Gradient cross-attention weights (B, m), a constant; see the module docstring.
+
+        ``target`` (B,) picks one class logit per bag; None uses the "positive" target, the
+        log-odds of any class but the first against the first.
+        """
         with torch.inference_mode(False), torch.enable_grad():
             # normal (non-inference) leaf copies, so this works under an outer inference_mode
             leaf = p1_ref.detach().clone().requires_grad_(True)  # (B, m, d)
             mask = valid_ref.clone()  # (B, m)
             logits, _, _ = self.e2[self.ref](leaf, mask)  # (B, C)
-            pick = F.one_hot(target.detach().clone().long(), logits.shape[-1])  # (B, C)
-            # bags are independent in E2, so d(sum_b y_b,c_b)/dP1_b = dy_b,c_b/dP1_b; a one-hot
-            # product instead of gather keeps the backward deterministic on CUDA
-            (grad,) = torch.autograd.grad((logits * pick).sum(), leaf)  # (B, m, d)
-            w = torch.relu(grad.mean(dim=-1)) * mask  # (B, m)
+            if target is None:
+                score = torch.logsumexp(logits[:, 1:], dim=-1) - logits[:, 0]  # (B,)
+            else:
+                # a one-hot product instead of gather keeps the backward deterministic on CUDA
+                pick = F.one_hot(target.detach().clone().long(), logits.shape[-1])  # (B, C)
+                score = (logits * pick).sum(-1)  # (B,)
+            # bags are independent in E2, so d(sum_b s_b)/dP1_b = ds_b/dP1_b
+            (grad,) = torch.autograd.grad(score.sum(), leaf)  # (B, m, d)
+            if self.cfg.grad_weighting == "input":
+                raw = (grad * leaf.detach()).sum(dim=-1)  # (B, m): first-order contribution
+            else:
+                raw = grad.mean(dim=-1)  # (B, m): the paper's channel-mean gradient
+            w = torch.relu(raw) * mask  # (B, m)
             total = w.sum(dim=1, keepdim=True)  # (B, 1)
             n_valid = mask.sum(dim=1, keepdim=True).to(w.dtype)  # (B, 1)
             uniform = mask.to(w.dtype)  # (B, m)
             w = torch.where(total > 0, w * n_valid / total.clamp_min(1e-30), uniform)  # (B, m)
         return w.detach()
+
+    def _target(self, ref_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """The class whose gradient weighs the prototypes (None = the "positive" log-odds)."""
+        if self.cfg.grad_class == "positive":
+            return None
+        if self.cfg.grad_class == "label" and self.training and labels is not None:
+            return labels  # (B,)
+        return ref_logits.detach().argmax(dim=-1)  # (B,)
+
+    def ot_cost(self, batch: dict, p1: dict, pvalid: dict, tvalid: dict, t: str) -> torch.Tensor:
+        """(B, m, m) OT cost between the 20x groups (rows) and the groups of ``t`` (columns)."""
+        ref, cfg = self.ref, self.cfg
+        cost = 0.0
+        if cfg.ot_cost != "spatial":
+            cost = prototype_cost(p1[ref], p1[t], pvalid[ref], pvalid[t])  # (B, m, m) in [0, 1]
+        if cfg.ot_cost != "feature":
+            if "xy" not in batch:
+                raise ValueError(
+                    f"ot_cost={cfg.ot_cost!r} needs the tiles' level-0 centres in batch['xy'] "
+                    "(pipeline.bags.collate adds them); use ot_cost='feature' without them"
+                )
+            cent = {
+                s: group_centroids(batch["xy"][s], batch["group"][s], tvalid[s], cfg.n_groups)
+                for s in (ref, t)
+            }  # (B, m, 2) each
+            spatial = spatial_cost(cent[ref], cent[t], pvalid[ref], pvalid[t])  # (B, m, m)
+            cost = cost + cfg.ot_spatial_weight * spatial
+        return cost
 
     def forward(self, batch: dict, labels: torch.Tensor | None = None) -> dict:
         p1, pvalid, alpha, tvalid = {}, {}, {}, {}
@@ -140,36 +186,41 @@ class M2OTCA(nn.Module):
         out: dict = {}
         w = None
         if self.use_grad:
-            if self.cfg.grad_class == "label" and self.training and labels is not None:
-                target = labels  # (B,)
-            else:
-                target = branch_logits[ref].detach().argmax(dim=-1)  # (B,)
+            target = self._target(branch_logits[ref], labels)
             w = self.grad_weights(p1[ref], pvalid[ref], target)  # (B, m)
             out["grad_weights"] = w
 
         n_ref = pvalid[ref].sum(dim=1).to(p1[ref].dtype)  # (B,)
+        plans = {}
         for t in self.mags[1:]:
             mix = None
             if self.use_ot:
-                cost = prototype_cost(p1[ref], p1[t], pvalid[ref], pvalid[t])  # (B, m, m)
                 plan = sinkhorn(
-                    cost,
+                    self.ot_cost(batch, p1, pvalid, tvalid, t),
                     pvalid[ref],
                     pvalid[t],
                     eps=self.cfg.sinkhorn_eps,
                     max_iter=self.cfg.sinkhorn_max_iter,
                     tol=self.cfg.sinkhorn_tol,
                 )  # (B, m, m), rows sum to 1 / m_valid
+                plans[t] = plan.detach()
                 mix = plan * n_ref[:, None, None]  # (B, m, m) row-stochastic
                 p2 = torch.bmm(mix, p1[t])  # (B, m, d), rows indexed by 20x groups
                 p2_valid = pvalid[ref]  # (B, m)
             else:
                 p2, p2_valid = p1[t], pvalid[t]  # (B, m, d), (B, m)
+            prior = None
             if w is not None:
-                p2 = p2 * w.unsqueeze(-1)  # (B, m, d)
-            branch_logits[t], att, _ = self.e2[t](p2, p2_valid)  # (B, C), (B, m)
+                c = self.cfg.grad_floor + (1.0 - self.cfg.grad_floor) * w  # (B, m)
+                if self.cfg.grad_apply == "scale":
+                    p2 = p2 * c.unsqueeze(-1)  # (B, m, d)
+                else:
+                    prior = c  # (B, m)
+            branch_logits[t], att, _ = self.e2[t](p2, p2_valid, prior)  # (B, C), (B, m)
             # attention over t's own prototypes: mass of P2 row u spread by its mixing weights
             proto_att[t] = att if mix is None else torch.bmm(att.unsqueeze(1), mix).squeeze(1)
+        if plans:
+            out["ot_plan"] = plans
 
         tile_att = {}
         for t in self.mags:

@@ -38,6 +38,32 @@ def prototype_cost(
     return dist / scale  # (B, n, k) in [0, 1]
 
 
+def spatial_cost(
+    c_ref: torch.Tensor, c_t: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.Tensor
+) -> torch.Tensor:
+    """Squared distances between group centroids c_ref (B, n, 2) and c_t (B, k, 2) in units of
+    the bag's group spacing (median distance of a valid reference group to its nearest valid
+    neighbour), so one group of displacement costs 1 whatever the slide's size or resolution.
+
+    Invalid pairs are 0. A bag with a single valid reference group uses its own scale-free
+    spacing of 1 level-0 px (its one row's plan is fixed by the marginals anyway).
+    """
+    diff = c_ref.unsqueeze(2) - c_t.unsqueeze(1)  # (B, n, k, 2)
+    sq = (diff * diff).sum(-1)  # (B, n, k)
+    with torch.no_grad():  # the scale is a normaliser, not a path for gradients
+        rr = torch.cdist(c_ref, c_ref)  # (B, n, n)
+        pair_rr = row_mask.unsqueeze(2) & row_mask.unsqueeze(1)  # (B, n, n)
+        eye = torch.eye(rr.shape[1], dtype=torch.bool, device=rr.device)
+        rr = rr.masked_fill(~pair_rr | eye, math.inf)
+        nearest = rr.amin(dim=2).masked_fill(~row_mask, math.nan)  # (B, n)
+        nearest = nearest.masked_fill(torch.isinf(nearest), math.nan)
+        spacing = torch.nanmedian(nearest, dim=1).values  # (B,)
+        spacing = torch.where(torch.isfinite(spacing) & (spacing > 0), spacing,
+                              torch.ones_like(spacing))
+    pair = row_mask.unsqueeze(2) & col_mask.unsqueeze(1)  # (B, n, k)
+    return (sq / (spacing * spacing)[:, None, None]).masked_fill(~pair, 0.0)  # (B, n, k)
+
+
 def _solve(
     c: torch.Tensor,
     row_mask: torch.Tensor,

@@ -183,6 +183,22 @@ def get_metric_files(wildcards=None):
     )
 
 
+def get_histories(wildcards=None):
+    return expand(
+        f"{MODELS}/{{model}}/{{fold}}/history.tsv",
+        model=config["models"],
+        fold=get_fold_names(),
+    )
+
+
+def get_all_predictions(wildcards=None):
+    return expand(
+        f"{MODELS}/{{model}}/{{fold}}/predictions.csv",
+        model=config["models"],
+        fold=get_fold_names(),
+    )
+
+
 def get_model_predictions(wildcards):
     return expand(
         f"{MODELS}/{wildcards.model}/{{fold}}/predictions.csv",
@@ -213,7 +229,7 @@ def get_heatmap_outputs(wildcards=None):
 
 def get_training_outputs(wildcards=None):
     return (
-        [f"{METRICS}/summary.tsv"]
+        [f"{METRICS}/summary.tsv", f"{METRICS}/cross_attention.png"]
         + expand(f"{METRICS}/roc_{{model}}.png", model=config["models"])
         + get_heatmap_outputs()
     )
@@ -225,7 +241,7 @@ def print_run_summary():
     if summary.exists():
         table = pd.read_csv(summary, sep="\t")
         cols = ["model", "auc", "acc", "balanced_acc", "f1"] + [
-            c for c in table.columns if c.startswith("p_")
+            c for c in table.columns if c.startswith(("p_", "test_"))
         ]
         print(f"\nTest metrics ({summary}):\n{table[cols].to_string(index=False)}")
     failed = Path(f"{RESULTS}/failed_slides.tsv")

@@ -98,7 +98,8 @@ rule plot_roc:
 
 rule summarize_metrics:
     input:
-        get_metric_files,
+        metrics=get_metric_files,
+        splits=f"{RESULTS}/splits/splits.tsv",
     output:
         table=report(
             f"{METRICS}/summary.tsv",
@@ -117,5 +118,32 @@ rule summarize_metrics:
     params:
         reference=config["reference_model"],
     shell:
-        "python -m pipeline summarize-metrics {input:q} --out {output.table:q} "
-        "--per-fold {output.per_fold:q} --reference {params.reference} > {log} 2>&1"
+        "python -m pipeline summarize-metrics {input.metrics:q} --splits {input.splits:q} "
+        "--out {output.table:q} --per-fold {output.per_fold:q} --reference {params.reference} "
+        "> {log} 2>&1"
+
+
+rule plot_cross_attention:
+    input:
+        histories=get_histories,
+        predictions=get_all_predictions,
+    output:
+        report(
+            f"{METRICS}/cross_attention.png",
+            caption="../report/cross_attention.rst",
+            category="Metrics",
+        ),
+    log:
+        f"{LOGS}/plot_cross_attention.log",
+    conda:
+        "../../envs/training.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        models=expand(f"{MODELS}/{{model}}", model=config["models"]),
+        n_groups=config["training"]["model"]["n_groups"],
+    shell:
+        "python -m pipeline plot-cross-attention {params.models:q} --n-groups {params.n_groups} "
+        "--out {output:q} > {log} 2>&1"
