@@ -188,17 +188,23 @@ def test_fixed_seed_reproduces(name, batch):
     assert torch.equal(outs[0], outs[1])
 
 
-def test_aux_loss_only_for_clam_in_training(batch):
+def test_aux_loss_only_for_clam_and_branch_supervised_m2otca_in_training(batch):
     labels = torch.tensor([0, 2, 1])
+    supervised = {"clam_sb_3", "m2otca", "m2otca_a", "m2otca_b", "m2otca_c"}  # branch_loss > 0
     for name in MODEL_NAMES:
         model = build(name).train()
         has_aux = "aux_loss" in model(batch, labels)
-        assert has_aux == (name == "clam_sb_3"), name
+        assert has_aux == (name in supervised), name
         assert "aux_loss" not in model(batch)
         with torch.no_grad():
             assert "aux_loss" not in model.eval()(batch, labels)
     out = build("clam_sb_3").train()(batch, labels)
     assert out["aux_loss"].dim() == 0 and out["aux_loss"] > 0
+    assert "aux_loss" not in build("m2otca", branch_loss=0.0).train()(batch, labels)
+    torch.manual_seed(0)
+    out = build("m2otca", dropout=0.0, branch_loss=0.7).train()(batch, labels)
+    ce = torch.stack([torch.nn.functional.cross_entropy(y, labels) for y in out["branch_logits"].values()])
+    torch.testing.assert_close(out["aux_loss"], 0.7 * ce.mean())
 
 
 def test_clam_sb_3_state_dict_is_abmil_3_plus_instance_classifiers():
@@ -695,3 +701,54 @@ def test_workflow_schema_lists_every_model_config_field_with_its_default_and_cho
     for name, allowed in choices.items():
         assert tuple(props[name]["enum"]) == allowed, name
     assert tuple(schema["properties"]["models"]["items"]["enum"]) == MODEL_NAMES
+
+
+def test_attention_prior_reweights_and_never_empties_a_bag():
+    from pipeline.models.layers import AttentionHead
+
+    torch.manual_seed(0)
+    head = AttentionHead(8, 4, 2)
+    h, mask = torch.randn(2, 5, 8), torch.tensor([[True] * 5, [True, True, True, False, False]])
+    _, plain, _ = head(h, mask)
+    _, same, _ = head(h, mask, torch.ones(2, 5))
+    torch.testing.assert_close(same, plain)
+    prior = torch.tensor([[2.0, 0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 5.0, 5.0]])  # bag 1: zero on real items
+    _, att, _ = head(h, mask, prior)
+    assert att[0, 1] == 0
+    assert (att[0, 0] / att[0, 2]).item() == pytest.approx((2 * plain[0, 0] / plain[0, 2]).item(), rel=1e-5)
+    torch.testing.assert_close(att[1], plain[1])  # an all-zero prior on the real items is ignored
+    torch.testing.assert_close(att.sum(1), torch.ones(2))
+
+
+OPTIONS = [
+    {"ot_cost": "feature"},
+    {"ot_cost": "feature+spatial", "ot_spatial_weight": 0.3},
+    {"grad_weighting": "mean"},
+    {"grad_class": "predicted"},
+    {"grad_class": "label"},
+    {"grad_apply": "scale"},
+    {"grad_floor": 0.0},
+    {"grad_apply": "scale", "grad_floor": 1.0},
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_every_cross_attention_option_trains_pads_and_infers(opts, batch):
+    """Each option is held to the same contract as the models: a gradient on every parameter,
+    outputs unchanged by padding, the same logits under inference_mode."""
+    model = build("m2otca", **opts).train()
+    out = model(batch, torch.tensor([0, 2, 1]))
+    torch.nn.functional.cross_entropy(out["logits"], torch.tensor([0, 2, 1])).backward()
+    no_grad = [n for n, p in model.named_parameters()
+               if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    assert not no_grad, no_grad
+    model.eval()
+    bags = [make_bag(9, seed=11), make_bag(14, seed=12)]
+    with torch.no_grad():
+        alone = model(collate(bags[:1]))["logits"]
+        padded = model(collate(bags, pad_extra=5))["logits"]
+        ref = model(batch)["logits"]
+    torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        inf = model({k: {t: v.clone() for t, v in d.items()} for k, d in batch.items()})["logits"]
+    torch.testing.assert_close(inf, ref, atol=1e-6, rtol=0)

@@ -13,7 +13,7 @@ GRAD_APPLY = ("attention", "scale")
 GRAD_CLASSES = ("positive", "predicted", "label")
 # M2OTCA exactly as the paper's listing: feature cost, mean-gradient weights of the predicted class
 PAPER_CROSS_ATTENTION = {"ot_cost": "feature", "grad_weighting": "mean", "grad_class": "predicted",
-                         "grad_apply": "scale", "grad_floor": 0.0}
+                         "grad_apply": "scale", "grad_floor": 0.0, "branch_loss": 0.0}
 
 
 @dataclass
@@ -63,6 +63,12 @@ class ModelConfig:
     # w = 0 is erased, so evidence away from the 20x evidence is lost, which hurts tasks that do
     # not need co-location)
     grad_floor: float = 0.5
+    # M2OTCA: weight of the branches' own cross-entropy (each magnification's logits y_t against
+    # the label, mean over magnifications), returned as ``aux_loss``; 0 = the paper (the fused
+    # logits alone are supervised, so a branch's class scores may mean anything, e.g. the 20x
+    # branch may learn evidence as the first class, and the "positive" gradient target loses
+    # its meaning)
+    branch_loss: float = 0.5
     # CLAM-SB baseline: attention-ranked tiles per bag and class for the instance loss
     clam_k_sample: int = 8
     # CLAM-SB baseline: weight of the bag loss in bag_weight * CE + (1 - bag_weight) * instance
@@ -75,8 +81,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
-        for name in ("dropout", "ot_spatial_weight", "grad_floor", "sinkhorn_eps", "sinkhorn_tol",
-                     "clam_bag_weight"):
+        for name in ("dropout", "ot_spatial_weight", "grad_floor", "branch_loss", "sinkhorn_eps",
+                     "sinkhorn_tol", "clam_bag_weight"):
             value = getattr(self, name)
             if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
                 try:
@@ -96,6 +102,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.clam_bag_weight must be in (0, 1], got {self.clam_bag_weight}"
             )
+        if self.branch_loss < 0:
+            raise ValueError(f"ModelConfig.branch_loss must be >= 0, got {self.branch_loss}")
         if not 0.0 <= self.grad_floor <= 1.0:
             raise ValueError(f"ModelConfig.grad_floor must be in [0, 1], got {self.grad_floor}")
         if self.ot_spatial_weight < 0:

@@ -9,22 +9,45 @@ Zhu, Meijering & Wang, Medical Image Analysis 112 (2026) 104082. Per magnificati
   with the tile embeddings (``layers.segment_attention_pool``) -> prototypes P1_t (B, m, d);
   empty groups are masked.
 - E2: gated-attention MIL over the valid prototypes -> branch logits y_t (B, C), attention (B, m).
-- OT cross-attention (t != 20x): cost = L2(P1_20[u], P1_t[j]) scaled to [0, 1] per bag over
-  valid pairs; plan T from batched log-domain Sinkhorn with uniform marginals over the valid
-  prototypes; P2_t = m_valid * T @ P1_t, where m_valid = number of valid 20x prototypes of the
-  bag. T's rows sum to 1 / m_valid, so row u of P2_t is a convex combination of the t
-  prototypes matched to 20x group u (rows are indexed by the 20x groups). The gradient
-  through T is the implicit-function gradient of the Sinkhorn fixed point (``ot.py``).
-- Gradient cross-attention: w_u = ReLU(mean_d dy_c^20 / dP1_20[u]) with c the 20x branch's
-  predicted class (``grad_class="label"`` uses the label, only while training). w is then
-  rescaled per bag to sum to m_valid (mean 1 over valid prototypes); when every entry is 0
-  (e.g. the class row of the 20x classifier has a negative mean, so all gradients share its
-  sign) w falls back to uniform 1, so the low-magnification prototypes never all vanish.
-  P2_t <- w[:, :, None] * P2_t. Without OT (ablation M_B) P2_t = w * P1_t: group k is the same
-  tissue at every magnification, so 20x weights index the t prototypes directly.
+- OT cross-attention (t != 20x): plan T from batched log-domain Sinkhorn with uniform
+  marginals over the valid prototypes, on a cost chosen by ``ot_cost``:
+  "spatial" (default) = squared distance between the groups' tissue centroids (mean tile
+  centre, level-0 px, ``batch["xy"]``) in units of the bag's group spacing; "feature" (the
+  paper) = L2(P1_20[u], P1_t[j]) scaled to [0, 1] per bag; "feature+spatial" = their sum.
+  P2_t = m_valid * T @ P1_t, m_valid = number of valid 20x prototypes of the bag; T's rows
+  sum to 1 / m_valid, so row u of P2_t is a convex combination of the t prototypes matched to
+  20x group u (rows are indexed by the 20x groups). The gradient through T (feature costs) is
+  the implicit-function gradient of the Sinkhorn fixed point (``ot.py``).
+  Why "spatial": group u is the same tissue at every magnification (the nested grid), so the
+  identity is the spatial truth. The paper's cost is position-blind and, with uniform
+  marginals and a cost dominated by the prototypes' norms, gives a nearly uniform plan (every
+  20x group receives ~ the bag mean of the t prototypes: measured mass on aligned pairs ~1/m),
+  which erases WHERE the coarse evidence sits; ``diagnostics.py`` reads this out per bag.
+- Gradient cross-attention: g = d s / d P1_20 through the 20x head, for a target s chosen by
+  ``grad_class``: "positive" (default: log-odds of any class but the first, the same for
+  every bag), "predicted" (the paper: the 20x argmax logit) or "label" (ground truth while
+  training). w_u = ReLU(g_u . P1_20[u]) (``grad_weighting="input"``, default: the prototype's
+  first-order contribution to s, Grad-CAM's gradient x activation) or ReLU(mean_d g_u) (the
+  paper, whose sign follows the mean of the classifier row). w is rescaled per bag to sum to
+  m_valid (mean 1 over valid prototypes); when every entry is 0 it falls back to uniform 1.
+  With c = grad_floor + (1 - grad_floor) * w, ``grad_apply="attention"`` (default)
+  multiplies E2_t's attention over P2_t by c (renormalised: the 20x gradients decide where
+  the coarser branch looks, its features are untouched, and every group keeps grad_floor of
+  its say, so evidence away from the 20x evidence still counts); "scale" (the paper, with
+  grad_floor 0) sets P2_t <- c * P2_t. Without OT (ablation M_B) P2_t = P1_t: group k is the
+  same tissue at every magnification, so 20x weights index the t prototypes directly.
 - E2_t over P2_t -> y_t; bag logits = Linear([y_20; y_10; y_5]). The loss (cross-entropy on
   ``logits``) is the trainer's; nothing on the low-magnification path is detached, so every
-  parameter gets gradient (10x/5x E1 through T and P2_t, 20x E1 also through the OT cost).
+  parameter gets gradient (10x/5x E1 through T and P2_t, 20x E1 also through the feature
+  cost when there is one). With ``branch_loss`` > 0 (default 0.5) each branch is supervised
+  too: ``aux_loss`` = branch_loss * mean_t CE(y_t, label), for the trainer to add. Why: the
+  fusion is a full linear layer, so under the fused loss alone a branch's class scores may
+  mean anything; measured on the benchmark, a 20x branch scored 20x evidence as the FIRST
+  class (y_20 ~ -7 on tumour slides, +7 on normal ones), which turned the "positive"
+  gradient target away from the evidence and left the 5x branch untrained (co-location task,
+  one seed: held-out AUC 0.67 with 300 and 0.77 with 1,000 training slides; 0.97 with 300
+  once the branches are supervised).
+- ``m2otca_paper`` (``PAPER_CROSS_ATTENTION``) is the paper's choice of every option above.
 
 Design decision — w is a CONSTANT (Grad-CAM), not differentiable: it is computed on a detached
 leaf copy of P1_20 inside ``torch.inference_mode(False)`` + ``torch.enable_grad()``, by
@@ -36,7 +59,7 @@ gradient pattern and, with the ReLU, giving piece-wise zero second-order signals
 code then works in training, under ``torch.no_grad()`` and under an outer
 ``torch.inference_mode()`` (inference tensors are cloned into normal tensors first); (3) it
 is cheap: one forward+backward of an (B, m, d) head. The gradient of the loss still reaches
-P2_t, T, P1_t and P1_20 through the product ``w * P2_t``.
+P2_t, T and P1_t (and P1_20 through a feature cost).
 
 Ablations: M_A = no cross-attention (y_t = E2_t(P1_t)), M_B = gradient cross-attention only,
 M_C = OT only, full = OT + gradient.
@@ -45,7 +68,8 @@ Outputs: ``logits`` (B, C); ``branch_logits`` t -> (B, C); ``proto_attention`` t
 t's own prototypes (for t != 20x the E2 attention over P2_t rows mapped back through
 m_valid * T, so it still sums to 1); ``tile_attention`` t -> (B, N_t) = within-group attention
 times the tile's group ``proto_attention``, summing to 1 over the real tiles;
-``grad_weights`` (B, m) when the gradient cross-attention is on.
+``grad_weights`` (B, m) when the gradient cross-attention is on; ``ot_plan`` t -> (B, m, m)
+(detached) when OT is on.
 """
 
 from __future__ import annotations
@@ -228,6 +252,9 @@ class M2OTCA(nn.Module):
             tile_att[t] = alpha[t] * proto_att[t].gather(1, g) * tvalid[t]  # (B, N_t)
 
         logits = self.fuse(torch.cat([branch_logits[t] for t in self.mags], dim=-1))  # (B, C)
+        if self.training and labels is not None and self.cfg.branch_loss > 0:
+            ce = torch.stack([F.cross_entropy(branch_logits[t], labels) for t in self.mags])
+            out["aux_loss"] = self.cfg.branch_loss * ce.mean()
         out.update(
             logits=logits,
             branch_logits=branch_logits,
