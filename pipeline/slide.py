@@ -121,17 +121,15 @@ class Slide:
             img = cv2.resize(img, (w, h), interpolation=interp)
         return img
 
-    def thumbnail(self, mpp: float, max_read_pixels: int = 4_000_000, reduce=None) -> np.ndarray:
+    def thumbnail(self, mpp: float, max_read_pixels: int = 4_000_000) -> np.ndarray:
         """The whole slide at `mpp` µm/px, read in blocks so no read exceeds `max_read_pixels`.
 
         Pixel (i, j) of the result covers level-0 [j*s, (j+1)*s) x [i*s, (i+1)*s), s = mpp / base mpp.
-        `reduce` maps each RGB block to one channel (e.g. HSV saturation) so the full-size RGB
-        image never exists: memory stays one byte per output pixel.
+        To reduce blocks as they come (e.g. to saturation), iterate `thumbnail_blocks` instead.
         """
-        h, w = self.thumbnail_shape(mpp)
-        out = np.empty((h, w) if reduce else (h, w, 3), np.uint8)
+        out = np.empty((*self.thumbnail_shape(mpp), 3), np.uint8)
         for by, bx, img in self.thumbnail_blocks(mpp, max_read_pixels):
-            out[by : by + img.shape[0], bx : bx + img.shape[1]] = reduce(img) if reduce else img
+            out[by : by + img.shape[0], bx : bx + img.shape[1]] = img
         return out
 
     def thumbnail_shape(self, mpp: float) -> tuple[int, int]:
