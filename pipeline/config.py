@@ -31,8 +31,8 @@ class TilingConfig:
     magnifications: dict[str, float] = field(default_factory=_default_mags)  # name -> target µm/px, finest first, each 2x the previous
     tile_size: int = 256  # tile side in pixels at its own magnification
     tissue_threshold: float = 0.35  # keep a tile when this fraction of its area is tissue
-    mask_mpp: float = 8.0  # working resolution of the tissue mask (µm/px)
-    mask_max_side: int = 8192  # cap on the mask's longer side (px), raises mask_mpp on huge slides
+    mask_mpp: float = 16.0  # coarsest mask resolution (µm/px): the mask is the coarsest pyramid level not coarser than this, read as is
+    mask_max_side: int = 8192  # cap on the mask's longer side (px): a level longer than this is area-reduced to it
     mpp_tolerance: float = 0.10  # a target may be this much finer than the scan before it is refused
     allow_upsample: bool = False  # tile targets finer than the scan by upsampling (off: refuse)
     saturation_floor: int = 20  # Otsu threshold on HSV saturation never goes below this (0-255)

@@ -27,16 +27,24 @@ def qc_image(thumb: np.ndarray, mask: np.ndarray, thumb_scale: float, tiles: dic
     if names:
         layers = [(names[0], _FINE, 1)] + ([(names[-1], _COARSE, 2)] if len(names) > 1 else [])
         for name, colour, width in layers:
-            side = tile_px[name] * s
             overlay = img.copy()
-            for x, y in tiles[name].coords:
-                p0 = (int(round(x * s)), int(round(y * s)))
-                p1 = (int(round(x * s + side)) - 1, int(round(y * s + side)) - 1)
-                cv2.rectangle(overlay, p0, p1, colour, width)
+            cv2.polylines(overlay, tile_outlines(tiles[name].coords, s, tile_px[name] * s), True, colour, width)
             img = cv2.addWeighted(overlay, 0.6, img, 0.4, 0)
     contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(img, contours, -1, _CONTOUR, 2)
     return img
+
+
+def tile_outlines(coords: np.ndarray, scale: float, side: float) -> list[np.ndarray]:
+    """Corner lists (4, 1, 2) int32 of the tiles' squares in picture px, for one cv2.polylines call.
+
+    Same pixels as one cv2.rectangle per tile (OpenCV draws rectangles as closed polylines),
+    without a Python loop over tens of thousands of tiles.
+    """
+    p0 = np.rint(coords * scale).astype(np.int32)  # (N, 2) x, y
+    p1 = np.rint(coords * scale + side).astype(np.int32) - 1
+    quads = np.stack([p0, np.stack([p1[:, 0], p0[:, 1]], 1), p1, np.stack([p0[:, 0], p1[:, 1]], 1)], 1)
+    return list(quads.reshape(-1, 4, 1, 2))
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:

@@ -61,10 +61,10 @@ def fingerprint(path: str | Path) -> str:
 
 def _composite_white(rgba: np.ndarray) -> np.ndarray:
     """RGBA (not premultiplied) over white -> RGB uint8; transparent = outside the scanned area."""
-    rgb = np.ascontiguousarray(rgba[..., :3])
+    rgb = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)  # a contiguous copy, ~15x faster than numpy's strided one
     a = rgba[..., 3]
-    see_through = a < 255
-    if see_through.any():  # blend only those pixels: no full-size float copies
+    if a.min() < 255:  # blend only the see-through pixels: no full-size float copies
+        see_through = a < 255
         af = a[see_through].astype(np.float32)[:, None] / 255.0  # (K, 1)
         rgb[see_through] = (rgb[see_through] * af + 255.0 * (1.0 - af) + 0.5).astype(np.uint8)
     return rgb
@@ -121,21 +121,37 @@ class Slide:
             img = cv2.resize(img, (w, h), interpolation=interp)
         return img
 
-    def thumbnail(self, mpp: float, max_read_pixels: int = 4_000_000, reduce=None) -> np.ndarray:
+    def thumbnail(self, mpp: float, max_read_pixels: int = 4_000_000) -> np.ndarray:
         """The whole slide at `mpp` µm/px, read in blocks so no read exceeds `max_read_pixels`.
 
         Pixel (i, j) of the result covers level-0 [j*s, (j+1)*s) x [i*s, (i+1)*s), s = mpp / base mpp.
-        `reduce` maps each RGB block to one channel (e.g. HSV saturation) so the full-size RGB
-        image never exists: memory stays one byte per output pixel.
+        To reduce blocks as they come (e.g. to saturation), iterate `thumbnail_blocks` instead.
+        """
+        out = np.empty((*self.thumbnail_shape(mpp), 3), np.uint8)
+        for by, bx, img in self.thumbnail_blocks(mpp, max_read_pixels):
+            out[by : by + img.shape[0], bx : bx + img.shape[1]] = img
+        return out
+
+    def thumbnail_shape(self, mpp: float) -> tuple[int, int]:
+        """(h, w) of `thumbnail(mpp)`: the slide's level-0 size over mpp / base mpp, rounded up."""
+        s = mpp / self.info.mpp
+        return max(1, math.ceil(self.info.height / s)), max(1, math.ceil(self.info.width / s))
+
+    def thumbnail_blocks(self, mpp: float, max_read_pixels: int = 4_000_000, align: int = 1):
+        """Yield (y, x, RGB block) tiling `thumbnail(mpp)`, one pyramid read per block.
+
+        Blocks are read from the best level (the largest downsample not above mpp / base mpp)
+        and area-resized only when that level is not already at `mpp`; their sides are
+        multiples of `align` (but the last row/column), so a caller may reduce them further by
+        that factor without seams. The last row/col may run past the slide; that part is white.
         """
         s = mpp / self.info.mpp
-        W, H = self.info.width, self.info.height
-        out_w, out_h = max(1, math.ceil(W / s)), max(1, math.ceil(H / s))
+        out_h, out_w = self.thumbnail_shape(mpp)
         level = self.best_level(s)
         lds = self.info.level_downsamples[level]
         r = s / lds  # level pixels per output pixel (>= 1 up to rounding)
         block = max(16, int(math.sqrt(max_read_pixels) / max(r, 1.0)))  # output px per block side
-        out = np.empty((out_h, out_w) if reduce else (out_h, out_w, 3), np.uint8)
+        block = max(align, block // align * align)
         for by in range(0, out_h, block):
             for bx in range(0, out_w, block):
                 bh, bw = min(block, out_h - by), min(block, out_w - bx)
@@ -148,8 +164,7 @@ class Slide:
                 if img.shape[:2] != (bh, bw):
                     interp = cv2.INTER_AREA if img.shape[1] >= bw else cv2.INTER_LINEAR
                     img = cv2.resize(img, (bw, bh), interpolation=interp)
-                out[by : by + bh, bx : bx + bw] = reduce(img) if reduce else img
-        return out
+                yield by, bx, img
 
 
 class OpenSlideSlide(Slide):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from pipeline.errors import SlideError
 from pipeline.qc import qc_image, write_mask_png, write_png
 from pipeline.slide import fingerprint, open_slide
 from pipeline.store import write_failed_store, write_tile_store
-from pipeline.tiling import tile_slide
+from pipeline.tiling import TilingResult, tile_slide
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,22 @@ def tile_to_store(slide_path: str | Path, out: str | Path, cfg: TilingConfig, mp
         "tile_px_level0": {name: res.grid.finest_px * 2**i for i, name in enumerate(res.tiles)},
         "region_grid": [res.grid.region_rows, res.grid.region_cols],
     }
-    write_tile_store(out, res.tiles, attrs)
-    if mask_png:
-        write_mask_png(mask_png, res.mask)
-    if qc_png:
-        write_png(qc_png, qc_image(res.thumbnail, res.mask, res.thumb_mpp / info.mpp, res.tiles, attrs["tile_px_level0"]))
+    # The pictures are drawn and encoded (OpenCV, GIL released) while Zarr writes the store.
+    with ThreadPoolExecutor(1) as pool:
+        pictures = pool.submit(_write_pictures, res, info.mpp, attrs["tile_px_level0"], qc_png, mask_png)
+        write_tile_store(out, res.tiles, attrs)
+        pictures.result()
     log.info("%s: base %.4g µm/px (%s), tiles %s", slide_id, info.mpp, info.mpp_source,
              ", ".join(f"{k}={v}" for k, v in counts.items()))
     return counts
+
+
+def _write_pictures(res: TilingResult, base_mpp: float, tile_px: dict[str, float], qc_png, mask_png) -> None:
+    """The mask PNG and the QC picture (tissue contour, finest tiles, coarsest regions)."""
+    if mask_png:
+        write_mask_png(mask_png, res.mask)
+    if qc_png:
+        write_png(qc_png, qc_image(res.thumbnail, res.mask, res.thumb_mpp / base_mpp, res.tiles, tile_px))
 
 
 def error_png(path: str | Path, message: str) -> None:

@@ -9,6 +9,7 @@ then by position inside the region, the same at every magnification.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -16,10 +17,12 @@ import numpy as np
 
 from pipeline.config import TilingConfig
 from pipeline.errors import SlideError
-from pipeline.slide import Slide
+from pipeline.slide import Slide, SlideInfo
 
 log = logging.getLogger(__name__)
-QC_SIDE = 2000  # longest side of the RGB thumbnail kept for QC pictures (px)
+MASK_FINEST_MPP = 1.0  # µm/px: finer levels are area-reduced to this (finer finds no more tissue, costs more)
+BAND_PIXELS = 4_000_000  # mask pixels per summed-area band while measuring tile tissue fractions
+QC_SIDE = 2000  # the RGB thumbnail kept for QC pictures is at most this long (px)
 
 
 @dataclass
@@ -89,28 +92,30 @@ def area_fractions(integral: np.ndarray, x0: np.ndarray, y0: np.ndarray, side: f
 def grid_fractions(mask: np.ndarray, mask_scale: float, grid: Grid) -> list[np.ndarray]:
     """Tissue fraction of every grid cell, (rows_i, cols_i) per magnification i.
 
-    Computed one region row at a time from that band's summed-area table, so memory stays
-    one byte per mask pixel however big the slide.
+    Computed a band of region rows at a time (about BAND_PIXELS mask pixels) from that band's
+    summed-area table, so memory stays bounded however big the slide.
     """
     H, W = mask.shape
     region_mask_px = grid.finest_px * 2 ** (grid.n_levels - 1) / mask_scale
     out = [np.zeros((grid.region_rows * grid.cells_per_region(i), grid.region_cols * grid.cells_per_region(i)))
            for i in range(grid.n_levels)]
-    for R in range(grid.region_rows):
-        y0 = min(H, int(np.floor(R * region_mask_px)))
-        y1 = min(H, int(np.ceil((R + 1) * region_mask_px)) + 1)
+    step = max(1, int(BAND_PIXELS / (W * region_mask_px)))  # region rows per band
+    for R0 in range(0, grid.region_rows, step):
+        R1 = min(R0 + step, grid.region_rows)
+        y0 = min(H, int(np.floor(R0 * region_mask_px)))
+        y1 = min(H, int(np.ceil(R1 * region_mask_px)) + 1)
         if y1 <= y0:
             continue  # the band lies below the mask: no tissue
         band = cv2.integral(mask[y0:y1], sdepth=cv2.CV_32S)  # (h+1, W+1)
         for i in range(grid.n_levels):
             k, cpr = grid.factor(i), grid.cells_per_region(i)
             cols = grid.region_cols * cpr
-            r, c = np.divmod(np.arange(cpr * cols, dtype=np.int64), cols)
-            r += R * cpr
+            r, c = np.divmod(np.arange((R1 - R0) * cpr * cols, dtype=np.int64), cols)
+            r += R0 * cpr
             side = k * grid.finest_px / mask_scale
             x = c * k * grid.finest_px / mask_scale
             y = r * k * grid.finest_px / mask_scale - y0
-            out[i][R * cpr : (R + 1) * cpr] = area_fractions(band, x, y, side).reshape(cpr, cols)
+            out[i][R0 * cpr : R1 * cpr] = area_fractions(band, x, y, side).reshape(-1, cols)
     return out
 
 
@@ -177,25 +182,55 @@ class TilingResult:
     thumb_mpp: float
 
 
+def mask_resolution(info: SlideInfo, cfg: TilingConfig) -> float:
+    """µm/px of the tissue mask: one pyramid level at its own resolution, read once.
+
+    The coarsest level not coarser than `cfg.mask_mpp` (so the read is as small as the pyramid
+    allows and needs no resampling), but no finer than MASK_FINEST_MPP (a single-level scan is
+    area-reduced to it) and no longer than `cfg.mask_max_side` (slides without a deep enough
+    pyramid). A level's downsample is taken at its nominal integer value (15.97 -> 16:
+    OpenSlide's are ratios of rounded-up level sizes), as hs2p and CLAM do.
+    """
+    nominal = [float(round(d)) if abs(d - round(d)) <= 0.01 * d else d for d in info.level_downsamples]
+    level_mpps = [info.mpp * d for d in nominal] or [info.mpp]
+    fit = [m for m in level_mpps if m <= cfg.mask_mpp * (1 + 1e-3)]
+    native = max(fit) if fit else min(level_mpps)
+    return max(native, min(MASK_FINEST_MPP, cfg.mask_mpp), info.mpp * max(info.width, info.height) / cfg.mask_max_side)
+
+
+def read_mask_inputs(slide: Slide, mask_mpp: float, max_read_pixels: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """HSV saturation at `mask_mpp` and an RGB QC picture `k` times coarser, from one read.
+
+    The slide is read block by block at the mask's resolution; each block gives its saturation
+    and, area-reduced by the integer `k` that brings the picture under QC_SIDE, its part of the
+    QC picture. The full-size RGB image exists only when it is the QC picture itself (k = 1).
+    Returns (saturation (h, w) uint8, QC picture (ceil(h/k), ceil(w/k), 3) uint8, k).
+    """
+    from pipeline.tissue import saturation
+
+    h, w = slide.thumbnail_shape(mask_mpp)
+    k = max(1, math.ceil(max(h, w) / QC_SIDE))
+    sat = np.empty((h, w), np.uint8)
+    qc = np.empty((-(-h // k), -(-w // k), 3), np.uint8)
+    for by, bx, img in slide.thumbnail_blocks(mask_mpp, max_read_pixels, align=k):
+        bh, bw = img.shape[:2]
+        sat[by : by + bh, bx : bx + bw] = saturation(img)
+        if k > 1:  # blocks are multiples of k but at the last row/col: no seams
+            img = cv2.resize(img, (-(-bw // k), -(-bh // k)), interpolation=cv2.INTER_AREA)
+        qc[by // k : by // k + img.shape[0], bx // k : bx // k + img.shape[1]] = img
+    return sat, qc, k
+
+
 def tile_slide(slide: Slide, cfg: TilingConfig) -> TilingResult:
-    """Mask tissue and tile the slide at every configured magnification."""
+    """Mask tissue and tile the slide at every configured magnification (one slide read)."""
+    from pipeline.tissue import tissue_mask_from_saturation
+
     check_targets(slide, cfg)
     info = slide.info
-    mask_mpp = max(cfg.mask_mpp, info.mpp * max(info.width, info.height) / cfg.mask_max_side)
-    from pipeline.tissue import saturation, tissue_mask_from_saturation
-
-    # A small RGB picture for QC: coarser than the mask on big slides; on slides small enough
-    # that it IS the mask's resolution, the one read serves both (saturation is per pixel).
-    qc_mpp = max(mask_mpp, info.mpp * max(info.width, info.height) / QC_SIDE)
-    thumb = slide.thumbnail(qc_mpp, cfg.max_read_pixels) if qc_mpp == mask_mpp else None
-    # Otherwise saturation is reduced block by block: the full RGB image at mask resolution never
-    # exists. The last row/col may run past the slide; that part reads white, so no tissue.
-    sat = saturation(thumb) if thumb is not None else slide.thumbnail(mask_mpp, cfg.max_read_pixels, reduce=saturation)
+    mask_mpp = mask_resolution(info, cfg)
+    sat, thumb, k = read_mask_inputs(slide, mask_mpp, cfg.max_read_pixels)
     mask = tissue_mask_from_saturation(sat, mask_mpp, cfg.saturation_floor, cfg.min_component_um2, cfg.max_hole_um2)
     del sat
-    scale = mask_mpp / info.mpp
     grid = make_grid(info.width, info.height, info.mpp, cfg)
-    tiles = tile_grid(mask, scale, grid, cfg)
-    if thumb is None:
-        thumb = slide.thumbnail(qc_mpp, cfg.max_read_pixels)
-    return TilingResult(tiles=tiles, mask=mask, thumbnail=thumb, mask_mpp=mask_mpp, grid=grid, thumb_mpp=qc_mpp)
+    tiles = tile_grid(mask, mask_mpp / info.mpp, grid, cfg)
+    return TilingResult(tiles=tiles, mask=mask, thumbnail=thumb, mask_mpp=mask_mpp, grid=grid, thumb_mpp=mask_mpp * k)

@@ -5,6 +5,16 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+# Median filter and closing sizes in µm (5 and 3 px at 8 µm/px), so masks made at different
+# resolutions (each slide's pyramid level) clean up the same physical features.
+MEDIAN_UM = 40.0
+CLOSE_UM = 24.0
+
+
+def odd_px(v: float) -> int:
+    """The odd kernel size in pixels nearest to `v` (at least 1)."""
+    return max(1, int(round(v)) // 2 * 2 + 1)
+
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation (H, W) uint8 of an RGB uint8 image."""
@@ -24,14 +34,15 @@ def tissue_mask_from_saturation(
     floor stops it from splitting pure background into two classes on slides without tissue.
     """
     px_area = mpp * mpp  # µm² per mask pixel
-    k = 5 if min(sat.shape) >= 5 else 1
+    k = min(odd_px(MEDIAN_UM / mpp), max(1, (min(sat.shape) - 1) | 1))  # no wider than the mask
     # Every step writes into one of two uint8 buffers: memory stays ~2 bytes per mask pixel.
     blurred = cv2.medianBlur(sat, k)
     otsu = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0]
     thr = max(float(otsu), float(saturation_floor))
     mask = cv2.threshold(blurred, thr, 1, cv2.THRESH_BINARY, dst=blurred)[1]  # (H, W) uint8 {0, 1}
-    # Close small gaps between nuclei / stroma fibres (about 3 mask px).
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+    # Close small gaps between nuclei / stroma fibres.
+    c = odd_px(CLOSE_UM / mpp)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (c, c))
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel, dst=mask)
     return _clean_components(mask, min_component_um2 / px_area, max_hole_um2 / px_area)
 

@@ -45,10 +45,10 @@ def venv_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]
     return env
 
 
-def snakemake_cmd(workdir: Path, *args: str, cores: int | None = 2) -> list[str]:
+def snakemake_cmd(workdir: Path, *args: str, cores: int | None = 2, repo: Path = REPO) -> list[str]:
     """`python -m snakemake` on the repo's Snakefile in `workdir` with its config.yaml, then `args`;
-    `cores=None` leaves out `--cores` (the SLURM test's profile runs with --jobs)."""
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+    `cores=None` leaves out `--cores` (the SLURM test's profile runs with --jobs); `repo`: a copy."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(workdir),
            "--configfile", str(workdir / "config.yaml")]
     if cores is not None:
         cmd += ["--cores", str(cores)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,22 @@ from conftest import REPO, shared_slide, snakemake_cmd, venv_env, write_cohort
 pytestmark = pytest.mark.integration
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(snakemake_cmd(workdir, *args), capture_output=True, text=True, cwd=workdir, env=venv_env())
+def snakemake(workdir: Path, *args: str, repo: Path = REPO) -> subprocess.CompletedProcess:
+    """Run the workflow of `repo` (a copy: its own package too) in `workdir`."""
+    env = venv_env() if repo == REPO else venv_env(PYTHONPATH=str(repo))
+    return subprocess.run(snakemake_cmd(workdir, *args, repo=repo), capture_output=True, text=True, cwd=workdir, env=env)
+
+
+def copy_repo(dst: Path) -> Path:
+    """The workflow and its package copied to `dst`, so a test may edit their code."""
+    dst.mkdir(parents=True)
+    for name in ("Snakefile", "workflow", "pipeline", "envs", "pyproject.toml"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst / name)
+    return dst
 
 
 def test_tiling_workflow_survives_bad_slides_and_is_incremental(tmp_path):
@@ -55,32 +70,56 @@ def jobs_of(out: str) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_features_and_models_rerun_only_what_changed(tmp_path):
-    """Add a slide -> its tiling + extraction + training; new encoder -> no tiling; no change -> nothing."""
+    """Add a slide -> its tiling + extraction + training; new encoder -> no tiling; no change -> nothing;
+    changed code -> the stages that run it and what follows them. Run from a copy of the repository
+    (its code is edited) in a folder whose name holds a quote and a space (every argument is quoted)."""
     from conftest import tissue_image, write_tiff
 
+    repo = copy_repo(tmp_path / "repo")
+    work = tmp_path / "o'brien lab"
+    work.mkdir()
     slides = []
     for i in range(5):
         p = write_tiff(tmp_path / f"s{i}.tif", tissue_image(900, 1100, seed=i, blobs=4), mpp=0.5, levels=2)
         slides.append((f"s{i}", p, "tumor" if i % 2 else "normal"))
     extra = ("splits: {folds: 2}\nmodels: [abmil_3]\ntraining: {epochs: 2, min_epochs: 1, model: {n_groups: 4}}\n"
              "tiling: {tile_size: 64}\nfeatures: {batch_size: 16}\nheatmaps: {n_auto: 1, model: abmil_3}\n")
-    write_cohort(tmp_path, slides[:4], extra)
-    r = snakemake(tmp_path)
+    write_cohort(work, slides[:4], extra)
+    r = snakemake(work, repo=repo)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = tmp_path / "results" / "tiny"
+    res = work / "results" / "tiny"
     assert (res / "metrics" / "resnet18_simclr" / "summary.tsv").exists()
     assert (res / "metrics" / "resnet18_simclr" / "manifest.json").exists()
-    assert "Nothing to be done" in (r2 := snakemake(tmp_path, "-n")).stdout + r2.stderr
+    assert "Nothing to be done" in (r2 := snakemake(work, "-n", repo=repo)).stdout + r2.stderr
+    # changed extraction code: extraction, then training and evaluation again; never tiling
+    encoders = repo / "pipeline" / "encoders.py"
+    original = encoders.read_text()
+    encoders.write_text(original + "\n_CHANGED = 1\n")
+    out = (r := snakemake(work, "-n", repo=repo)).stdout + r.stderr
+    assert "Params have changed since last execution" in out, out[-3000:]
+    jobs = jobs_of((r := snakemake(work, "-n", "--quiet", "rules", repo=repo)).stdout + r.stderr)
+    assert "tile_slide" not in jobs and jobs.get("extract_features") == 4, jobs
+    assert jobs.get("train_mil") == 2 and jobs.get("evaluate_mil") == 2, jobs
+    encoders.write_text(original)
+    # changed training code: training and what follows it only
+    train = repo / "pipeline" / "train.py"
+    original = train.read_text()
+    train.write_text(original + "\n_CHANGED = 1\n")
+    jobs = jobs_of((r := snakemake(work, "-n", "--quiet", "rules", repo=repo)).stdout + r.stderr)
+    assert jobs.get("train_mil") == 2 and jobs.get("evaluate_mil") == 2, jobs
+    assert not {"tile_slide", "extract_features", "make_splits"} & set(jobs), jobs
+    train.write_text("# a comment changes nothing\n" + original)
+    assert "Nothing to be done" in (r2 := snakemake(work, "-n", repo=repo)).stdout + r2.stderr
     # one more slide: only its tiling and extraction, then splits/training/evaluation again
-    write_cohort(tmp_path, slides, extra)
-    jobs = jobs_of((r := snakemake(tmp_path, "-n", "--quiet", "rules")).stdout + r.stderr)
+    write_cohort(work, slides, extra)
+    jobs = jobs_of((r := snakemake(work, "-n", "--quiet", "rules", repo=repo)).stdout + r.stderr)
     assert jobs.get("tile_slide") == 1 and jobs.get("extract_features") == 1, jobs
     assert jobs.get("train_mil", 0) >= 1 and jobs.get("evaluate_mil", 0) >= 1, jobs
     # another encoder for every magnification: features and models, never tiles
-    write_cohort(tmp_path, slides[:4], extra.replace(
+    write_cohort(work, slides[:4], extra.replace(
         "features: {batch_size: 16}",
         'features: {batch_size: 16, encoders: {"20x": "timm:resnet10t", "10x": "timm:resnet10t", "5x": "timm:resnet10t"}}'))
-    jobs = jobs_of((r := snakemake(tmp_path, "-n", "--quiet", "rules")).stdout + r.stderr)
+    jobs = jobs_of((r := snakemake(work, "-n", "--quiet", "rules", repo=repo)).stdout + r.stderr)
     assert "tile_slide" not in jobs and jobs.get("extract_features") == 4, jobs
 
 

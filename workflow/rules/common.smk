@@ -1,19 +1,21 @@
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 from snakemake.utils import validate
 
-from pipeline import __version__ as PIPELINE_VERSION
-from pipeline.sheet import read_sheet
+from pipeline import provenance
+from pipeline.sheet import SAFE_ID, read_sheet
 
+# Nothing here may import torch (or any module that does): this runs in the Snakemake process.
 validate(config, schema="../schemas/config.schema.yaml")
 
-SHEET_SCHEMA = str(
-    Path(workflow.basedir) / "workflow" / "schemas" / "slides.schema.yaml"
-)
+# envs/*.post-deploy.sh install this package into each rule's env (--sdm conda) from here.
+os.environ.setdefault("M2OTCA_PIPELINE_SRC", workflow.basedir)
+
 COHORT = config["cohort"]
 RESULTS = f"results/{COHORT}"
 LOGS = f"logs/{COHORT}"
@@ -21,7 +23,16 @@ BENCH = f"benchmarks/{COHORT}"
 
 
 wildcard_constraints:
-    slide=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    slide=SAFE_ID.pattern.removeprefix("^").removesuffix("$"),
+
+
+@functools.cache
+def code_fingerprint(command, *extra):
+    """Fingerprint of the code `python -m pipeline <command>` runs (cli function + the package
+    modules it imports, read as files, never imported), plus `extra` files (e.g. a script).
+    As a param (`code=code_fingerprint("tile")`) it reruns the jobs whose code changed.
+    """
+    return provenance.code_fingerprint(command, extra)
 
 
 def demo_pending():
@@ -38,6 +49,7 @@ def get_sheet():
 
 @functools.cache
 def _load_sheet(path):
+    """The sheet, validated once by pipeline.sheet (the CLI's own check, errors naming the row)."""
     rows = read_sheet(
         config["slides"],
         allowed_roots=[Path(r) for r in config["allowed_roots"]] or None,
@@ -55,7 +67,6 @@ def _load_sheet(path):
             for r in rows
         ]
     ).set_index("slide_id", drop=False)
-    validate(sheet, schema=SHEET_SCHEMA)
     return sheet
 
 
@@ -64,8 +75,9 @@ def get_slide_path(wildcards):
 
 
 def get_mpp_arg(wildcards):
+    """`--mpp X` when the sheet overrides the slide's resolution (a list: quote it with :q)."""
     mpp = get_sheet().loc[wildcards.slide, "mpp"]
-    return "" if pd.isna(mpp) else f"--mpp {mpp}"
+    return [] if pd.isna(mpp) else ["--mpp", str(mpp)]
 
 
 def tiling_json():
@@ -107,9 +119,7 @@ wildcard_constraints:
 
 @functools.cache
 def weights_sha256(path):
-    from pipeline.encoders import weights_sha256 as sha
-
-    return sha(path) if path else "random-init"
+    return provenance.file_sha256(path) if path else "random-init"
 
 
 def get_weights(wildcards):
@@ -118,7 +128,7 @@ def get_weights(wildcards):
 
 def get_weights_arg(wildcards):
     w = get_weights(wildcards)
-    return f"--weights {w}" if w else ""
+    return ["--weights", w] if w else []
 
 
 def get_weights_sha(wildcards):
@@ -164,11 +174,12 @@ def get_sheet_path(wildcards=None):
 
 
 def feature_args(wildcards=None):
-    """`--features MAG=DIR` for every magnification, from the encoder serving it."""
-    return " ".join(
-        f"--features {mag}={RESULTS}/features/{encoder_dir(enc)}"
+    """`--features MAG=DIR` for every magnification, from the encoder serving it (a list: :q)."""
+    return [
+        arg
         for mag, enc in config["features"]["encoders"].items()
-    )
+        for arg in ("--features", f"{mag}={RESULTS}/features/{encoder_dir(enc)}")
+    ]
 
 
 def training_json():
@@ -213,6 +224,12 @@ def get_all_weights_sha(wildcards=None):
             for name in ENCODERS.values()
         }
     )
+
+
+def get_heatmap_slides_arg():
+    """`--slides a,b` for the configured heatmap slides, nothing when none (a list: :q)."""
+    slides = config["heatmaps"]["slides"]
+    return ["--slides", ",".join(slides)] if slides else []
 
 
 def get_heatmap_outputs(wildcards=None):

@@ -16,6 +16,8 @@ if config["demo"]["enabled"]:
             n=config["demo"]["n_slides"],
             seed=config["demo"]["seed"],
             scale=config["demo"]["scale"],
+            out=subpath(output.sheet, parent=True),
+            code=code_fingerprint("demo-cohort"),
         shell:
-            "python -m pipeline demo-cohort --out $(dirname {output.sheet:q}) "
-            "--n {params.n} --seed {params.seed} --scale {params.scale} > {log} 2>&1"
+            "python -m pipeline demo-cohort --out {params.out:q} "
+            "--n {params.n:q} --seed {params.seed:q} --scale {params.scale:q} > {log:q} 2>&1"

@@ -23,11 +23,11 @@ rule extract_features:
         mpp=get_mpp_arg,
         batch_size=config["features"]["batch_size"],
         on_tile_error=config["features"]["on_tile_error"],
-        compile="--compile" if config["features"]["compile"] else "",
+        compile=["--compile"] if config["features"]["compile"] else [],
         workers=get_loader_workers,
-        version=PIPELINE_VERSION,
+        code=code_fingerprint("extract"),
     shell:
         "python -m pipeline extract {input.store:q} --slide {input.slide:q} "
-        "--encoder {params.encoder} {params.weights} --out {output.store:q} --mags {params.mags} "
-        "{params.mpp} --batch-size {params.batch_size} --workers {params.workers} "
-        "--on-tile-error {params.on_tile_error} {params.compile} --record-failure > {log} 2>&1"
+        "--encoder {params.encoder:q} {params.weights:q} --out {output.store:q} --mags {params.mags:q} "
+        "{params.mpp:q} --batch-size {params.batch_size:q} --workers {params.workers:q} "
+        "--on-tile-error {params.on_tile_error:q} {params.compile:q} --record-failure > {log:q} 2>&1"

@@ -17,9 +17,11 @@ rule summarize_failures:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        code=code_fingerprint("summarize-tiles"),
     shell:
         "python -m pipeline summarize-tiles {input.tiles:q} {input.features:q} --out {output.slides:q} "
-        "--failed {output.failed:q} > {log} 2>&1"
+        "--failed {output.failed:q} > {log:q} 2>&1"
 
 
 rule plot_heatmaps:
@@ -44,12 +46,14 @@ rule plot_heatmaps:
         mem_mb=2000,
         runtime=20,
     params:
-        slides=",".join(config["heatmaps"]["slides"]),
+        slides=get_heatmap_slides_arg(),
         n=config["heatmaps"]["n_auto"],
         tiles_dir=f"{RESULTS}/tiles",
+        fold_dir=subpath(input.attention, parent=True),
+        code=code_fingerprint("heatmaps"),
     shell:
-        "python -m pipeline heatmaps --fold-dir $(dirname {input.attention:q}) "
-        "--tiles-dir {params.tiles_dir:q} --out {output:q} --slides '{params.slides}' --n {params.n} > {log} 2>&1"
+        "python -m pipeline heatmaps --fold-dir {params.fold_dir:q} "
+        "--tiles-dir {params.tiles_dir:q} --out {output:q} {params.slides:q} --n {params.n:q} > {log:q} 2>&1"
 
 
 rule write_manifest:
@@ -69,6 +73,7 @@ rule write_manifest:
         config=json.dumps(config),
         weights=get_all_weights_sha,
         repo=workflow.basedir,
+        code=code_fingerprint("manifest"),
     shell:
-        "python -m pipeline manifest --config-json '{params.config}' --sheet {input.sheet:q} "
-        "--repo {params.repo:q} --weights-sha256 '{params.weights}' --out {output:q} > {log} 2>&1"
+        "python -m pipeline manifest --config-json {params.config:q} --sheet {input.sheet:q} "
+        "--repo {params.repo:q} --weights-sha256 {params.weights:q} --out {output:q} > {log:q} 2>&1"

@@ -23,11 +23,11 @@ rule tile_slide:
     params:
         mpp=get_mpp_arg,
         tiling=tiling_json(),
-        version=PIPELINE_VERSION,
+        code=code_fingerprint("tile"),
     shell:
-        "python -m pipeline tile {input.slide:q} --out {output.store:q} --slide-id {wildcards.slide} "
-        "{params.mpp} --tiling '{params.tiling}' --qc {output.qc:q} --mask {output.mask:q} "
-        "--record-failure > {log} 2>&1"
+        "python -m pipeline tile {input.slide:q} --out {output.store:q} --slide-id {wildcards.slide:q} "
+        "{params.mpp:q} --tiling {params.tiling:q} --qc {output.qc:q} --mask {output.mask:q} "
+        "--record-failure > {log:q} 2>&1"
 
 
 rule summarize_tiles:
@@ -47,5 +47,7 @@ rule summarize_tiles:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        code=code_fingerprint("summarize-tiles"),
     shell:
-        "python -m pipeline summarize-tiles {input.stores:q} --out {output.table:q} > {log} 2>&1"
+        "python -m pipeline summarize-tiles {input.stores:q} --out {output.table:q} > {log:q} 2>&1"

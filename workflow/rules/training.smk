@@ -15,9 +15,10 @@ rule make_splits:
         folds=config["splits"]["folds"],
         val_fraction=config["splits"]["val_fraction"],
         seed=config["splits"]["seed"],
+        code=code_fingerprint("splits"),
     shell:
-        "python -m pipeline splits --sheet {input.sheet:q} --out {output:q} --folds {params.folds} "
-        "--val-fraction {params.val_fraction} --seed {params.seed} > {log} 2>&1"
+        "python -m pipeline splits --sheet {input.sheet:q} --out {output:q} --folds {params.folds:q} "
+        "--val-fraction {params.val_fraction:q} --seed {params.seed:q} > {log:q} 2>&1"
 
 
 rule train_mil:
@@ -42,11 +43,12 @@ rule train_mil:
     params:
         features=feature_args(),
         training=training_json(),
-        version=PIPELINE_VERSION,
+        out=subpath(output.checkpoint, parent=True),
+        code=code_fingerprint("train"),
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline train --sheet {input.sheet:q} --splits {input.splits:q} "
-        "--fold {wildcards.fold} {params.features} --model {wildcards.model} "
-        "--training '{params.training}' --out $(dirname {output.checkpoint:q}) > {log} 2>&1"
+        "--fold {wildcards.fold:q} {params.features:q} --model {wildcards.model:q} "
+        "--training {params.training:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule evaluate_mil:
@@ -68,10 +70,12 @@ rule evaluate_mil:
         runtime=60,
     params:
         features=feature_args(),
+        out=subpath(output.metrics, parent=True),
+        code=code_fingerprint("evaluate"),
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline evaluate --sheet {input.sheet:q} --splits {input.splits:q} "
-        "--fold {wildcards.fold} {params.features} --checkpoint {input.checkpoint:q} "
-        "--out $(dirname {output.metrics:q}) > {log} 2>&1"
+        "--fold {wildcards.fold:q} {params.features:q} --checkpoint {input.checkpoint:q} "
+        "--out {params.out:q} > {log:q} 2>&1"
 
 
 rule plot_roc:
@@ -92,8 +96,10 @@ rule plot_roc:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        code=code_fingerprint("plot-roc"),
     shell:
-        "python -m pipeline plot-roc {input:q} --out {output:q} --title {wildcards.model} > {log} 2>&1"
+        "python -m pipeline plot-roc {input:q} --out {output:q} --title {wildcards.model:q} > {log:q} 2>&1"
 
 
 rule summarize_metrics:
@@ -117,10 +123,11 @@ rule summarize_metrics:
         runtime=10,
     params:
         reference=config["reference_model"],
+        code=code_fingerprint("summarize-metrics"),
     shell:
         "python -m pipeline summarize-metrics {input.metrics:q} --splits {input.splits:q} "
-        "--out {output.table:q} --per-fold {output.per_fold:q} --reference {params.reference} "
-        "> {log} 2>&1"
+        "--out {output.table:q} --per-fold {output.per_fold:q} --reference {params.reference:q} "
+        "> {log:q} 2>&1"
 
 
 rule plot_cross_attention:
@@ -144,6 +151,7 @@ rule plot_cross_attention:
     params:
         models=expand(f"{MODELS}/{{model}}", model=config["models"]),
         n_groups=config["training"]["model"]["n_groups"],
+        code=code_fingerprint("plot-cross-attention"),
     shell:
         "python -m pipeline plot-cross-attention {params.models:q} --n-groups {params.n_groups} "
-        "--out {output:q} > {log} 2>&1"
+        "--out {output:q} > {log:q} 2>&1"

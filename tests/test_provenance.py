@@ -1,0 +1,104 @@
+"""Code fingerprints: which stage's fingerprint a code change moves (on a copy of the package)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from pipeline import provenance
+from pipeline.provenance import code_fingerprint, command_files, file_sha256
+
+STAGES = ["tile", "extract", "splits", "train", "evaluate", "summarize-metrics", "plot-roc", "heatmaps",
+          "manifest", "summarize-tiles", "demo-cohort"]
+
+
+@pytest.fixture
+def pkg(tmp_path) -> Path:
+    """A private copy of the package, to edit."""
+    dst = tmp_path / "pipeline"
+    shutil.copytree(Path(provenance.__file__).parent, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def fingerprints(root: Path) -> dict[str, str]:
+    return {c: code_fingerprint(c, root=root) for c in STAGES}
+
+
+def changed(before: dict[str, str], root: Path) -> set[str]:
+    after = fingerprints(root)
+    return {c for c in STAGES if after[c] != before[c]}
+
+
+def append(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
+
+
+def test_a_stage_moves_only_with_its_own_code(pkg):
+    base = fingerprints(pkg)
+    assert len(set(base.values())) == len(STAGES)  # every command has its own code
+    append(pkg / "encoders.py", "\n_EDITED = 1\n")  # extraction code
+    assert changed(base, pkg) == {"extract"}
+    append(pkg / "train.py", "\n_EDITED = 1\n")  # training code: training and evaluation
+    assert changed(base, pkg) == {"extract", "train", "evaluate"}
+    append(pkg / "tissue.py", "\n_EDITED = 1\n")  # imported lazily inside tiling.tile_slide
+    assert "tile" in changed(base, pkg)
+
+
+def test_comments_and_formatting_do_not_count(pkg):
+    base = fingerprints(pkg)
+    src = (pkg / "tiling.py").read_text()
+    (pkg / "tiling.py").write_text("# a comment\n" + src.replace("\n\n\n", "\n\n\n\n") + "\n# trailing\n")
+    assert changed(base, pkg) == set()
+
+
+def test_the_command_function_in_cli_counts(pkg):
+    """Editing the `train` command's function (not another command's) moves only `train`."""
+    base = fingerprints(pkg)
+    cli = pkg / "cli.py"
+    src = cli.read_text()
+    anchor = '    """Train one model on one fold'
+    assert anchor in src
+    cli.write_text(src.replace(anchor, "    _edited = 1\n" + anchor, 1))
+    assert changed(base, pkg) == {"train"}
+
+
+def test_new_modules_and_relative_imports_are_followed(pkg):
+    """A new subpackage reached by a lazy, relative import joins the stage that imports it."""
+    (pkg / "newpkg").mkdir()
+    (pkg / "newpkg" / "__init__.py").write_text("")
+    (pkg / "newpkg" / "a.py").write_text("from .b import X\n")
+    (pkg / "newpkg" / "b.py").write_text("X = 1\n")
+    append(pkg / "splits.py", "\n\ndef _later():\n    from pipeline.newpkg import a\n    return a\n")
+    files = {p.relative_to(pkg).as_posix() for p in command_files("splits", root=pkg)}
+    assert {"newpkg/__init__.py", "newpkg/a.py", "newpkg/b.py", "splits.py", "__init__.py"} <= files
+    base = fingerprints(pkg)
+    append(pkg / "newpkg" / "b.py", "Y = 2\n")
+    assert changed(base, pkg) == {"splits", "train", "evaluate"}  # train and evaluate read the splits too
+
+
+def test_unknown_command_is_an_error():
+    with pytest.raises(KeyError, match="no CLI command 'nope'"):
+        code_fingerprint("nope")
+
+
+def test_fingerprints_never_import_what_they_hash():
+    """Computed in the Snakemake process: reading files must not import torch (or the stages)."""
+    code = ("import sys; from pipeline.provenance import code_fingerprint as f; "
+            f"[f(c) for c in {STAGES!r}]; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('pipeline.')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['pipeline.provenance']", r.stdout
+
+
+def test_file_sha256(tmp_path):
+    data = bytes(range(256)) * 9000  # spans several 1 MiB chunks
+    p = tmp_path / "w.bin"
+    p.write_bytes(data)
+    assert file_sha256(p) == hashlib.sha256(data).hexdigest()
