@@ -184,7 +184,7 @@ def table(runs: pd.DataFrame, ceil: pd.DataFrame, task: str, n: int) -> str:
     order = [m for m in MODELS if m in set(sub.model)]
     for m in sorted(order, key=lambda m: -sub[sub.model == m].auc.mean()):
         a = mean_ci(sub[sub.model == m].auc)
-        cells = [f"{a[0]:.3f} ({a[1]:.3f}–{a[2]:.3f})"]
+        cells = [f"{a[0]:.3f} ({max(a[1], 0.0):.3f}–{min(a[2], 1.0):.3f})"]  # an AUC lies in [0, 1]
         for ref in ("abmil_3", "m2otca_a"):
             d = paired(runs, task, n, m, ref)
             cells.append("—" if m == ref or d[0] != d[0] else f"{d[0]:+.3f} ({d[1]:+.3f}, {d[2]:+.3f})")
