@@ -48,7 +48,7 @@ def summarize(metric_files: list[str | Path], reference: str = "m2otca") -> tupl
     rows = []
     for f in map(Path, metric_files):
         m = json.loads(f.read_text())
-        rows.append({"model": m["model"], "fold": f.parent.name, **{k: m[k] for k in METRICS}})
+        rows.append({"model": m["model"], "fold": f.parent.name, **{k: float("nan") if m[k] is None else m[k] for k in METRICS}})  # null: undefined
     per_fold = pd.DataFrame(rows)
     out = []
     ref = per_fold[per_fold["model"] == reference].set_index("fold")

@@ -7,9 +7,12 @@ import pandas as pd
 from snakemake.utils import validate
 
 from pipeline import __version__ as PIPELINE_VERSION
+from pipeline.config import check_model_options
 from pipeline.sheet import read_sheet
+from pipeline.splits import check_splittable
 
 validate(config, schema="../schemas/config.schema.yaml")
+check_model_options(config["training"]["model"])  # free-form in the schema: checked now, not at training
 
 SHEET_SCHEMA = str(
     Path(workflow.basedir) / "workflow" / "schemas" / "slides.schema.yaml"
@@ -212,6 +215,9 @@ def get_heatmap_outputs(wildcards=None):
 
 
 def get_training_outputs(wildcards=None):
+    # before any job: a sheet that cannot give the configured folds fails now, not after tiling
+    rows = read_sheet(config["slides"], check_files=False)
+    check_splittable(rows, config["splits"]["folds"])
     return (
         [f"{METRICS}/summary.tsv"]
         + expand(f"{METRICS}/roc_{{model}}.png", model=config["models"])
