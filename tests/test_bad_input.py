@@ -425,3 +425,55 @@ def test_failed_status_without_error_fails_verify(small, tmp_path, capsys):
     (f / "zarr.json").write_text(json.dumps(meta))
     assert main(["verify", str(f)]) == 1
     assert "broken: status 'failed' but no error recorded" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- 6 + 9. the workflow refuses before any job
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case, extra, msg", [
+    ("folds", "", "SheetError: slide sheet: 3 patient(s), fewer than the 5 folds"),
+    ("model key", "splits: {folds: 2}\ntraining: {model: {n_group: 4}}\n", "config training.model: unknown model config key(s) ['n_group']"),
+])
+def test_workflow_refuses_before_any_job(tmp_path, case, extra, msg):
+    from conftest import snakemake_cmd, venv_env, write_cohort
+
+    labels = ["a", "b", "a"]
+    slides = [shared_slide(n) for n in ("CMU-1-Small-Region.svs", "small.svs", "boxes.tiff")]
+    write_cohort(tmp_path, [(f"s{i}", p, lab) for i, (p, lab) in enumerate(zip(slides, labels))], extra)
+
+    def run(*args):
+        return subprocess.run(snakemake_cmd(tmp_path, *args, cores=1), capture_output=True, text=True, cwd=tmp_path,
+                              env=venv_env())
+
+    r = run() if case == "folds" else run("-n")  # a real run: refused while building the DAG, no job started
+    assert r.returncode != 0 and msg in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+    assert not (tmp_path / "results").exists()
+    if case == "folds":  # tiling alone does not need folds
+        r = run("-n", "tiles")
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+
+def test_config_schema_refuses_unknown_top_level_keys():
+    import jsonschema
+    import yaml
+    from conftest import REPO
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    jsonschema.validate({"cohort": "c", "slides": "s.tsv"}, schema)
+    with pytest.raises(jsonschema.ValidationError, match="'trainig' was unexpected"):
+        jsonschema.validate({"cohort": "c", "slides": "s.tsv", "trainig": {"epochs": 2}}, schema)
+
+
+def test_integrity_bench_prints_its_ratios(tmp_path, capsys):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_integrity", REPO / "bench" / "integrity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--gb", "0.01", "--dir", str(tmp_path), "--rows", "300", "--dim", "16"]) == 0
+    ratios = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("ratio ")]
+    assert len(ratios) == 6 and all(float(ln.rsplit(": ", 1)[1]) > 0 for ln in ratios)
+    assert list(tmp_path.iterdir()) == []  # the big file is gone
