@@ -8,11 +8,12 @@ from snakemake.utils import validate
 
 from pipeline import __version__ as PIPELINE_VERSION
 from pipeline.config import check_model_options
-from pipeline.sheet import read_sheet
+from pipeline.sheet import SlideRow, read_sheet
 from pipeline.splits import check_splittable
 
 validate(config, schema="../schemas/config.schema.yaml")
-check_model_options(config["training"]["model"])  # free-form in the schema: checked now, not at training
+# training.model is free-form in the schema: its keys and values are checked now, not at training
+check_model_options(config["training"]["model"])
 
 SHEET_SCHEMA = str(
     Path(workflow.basedir) / "workflow" / "schemas" / "slides.schema.yaml"
@@ -60,6 +61,21 @@ def _load_sheet(path):
     ).set_index("slide_id", drop=False)
     validate(sheet, schema=SHEET_SCHEMA)
     return sheet
+
+
+def get_sheet_rows():
+    """The validated sheet as SlideRow records (for the checks the pipeline's library makes)."""
+    return [
+        SlideRow(
+            r.slide_id,
+            Path(r.path),
+            r.label,
+            r.patient_id,
+            None,
+            r.split if isinstance(r.split, str) and r.split else None,
+        )
+        for r in get_sheet().itertuples(index=False)
+    ]
 
 
 def get_slide_path(wildcards):
@@ -216,8 +232,7 @@ def get_heatmap_outputs(wildcards=None):
 
 def get_training_outputs(wildcards=None):
     # before any job: a sheet that cannot give the configured folds fails now, not after tiling
-    rows = read_sheet(config["slides"], check_files=False)
-    check_splittable(rows, config["splits"]["folds"])
+    check_splittable(get_sheet_rows(), config["splits"]["folds"])
     return (
         [f"{METRICS}/summary.tsv"]
         + expand(f"{METRICS}/roc_{{model}}.png", model=config["models"])
