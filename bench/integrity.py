@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import zarr_io  # noqa: E402
 from pipeline.slide_files import fingerprint, legacy_fingerprint  # noqa: E402
-from pipeline.store import CHECKSUM_CODEC, FEATURE_CODEC, _nonfinite_rows  # noqa: E402
+from pipeline.store import CHECKSUM_CODEC, FEATURE_CODEC, nonfinite_rows  # noqa: E402
 
 PIECE = 64 << 20
 
@@ -110,7 +110,7 @@ def bench_chunks(folder: Path, rows: int, dim: int, chunk_rows: int = 1024) -> d
         out[f"write_{name}_s"] = timed(write, repeat=3)
         out[f"read_{name}_s"] = timed(zarr_io.read_array, path, repeat=5)
         assert np.array_equal(zarr_io.read_array(path), feats)
-    out["nonfinite_check_s"] = timed(_nonfinite_rows, feats, repeat=5)
+    out["nonfinite_check_s"] = timed(nonfinite_rows, feats, repeat=5)
     out["isfinite_check_s"] = timed(lambda: ~np.isfinite(feats).all(1), repeat=5)
     return out
 
