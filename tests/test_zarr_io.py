@@ -122,6 +122,16 @@ def test_checksums_and_required_chunks(tmp_path):
         zarr_io.read_array(tmp_path / "a", require_chunks=True)
 
 
+def test_undecodable_chunk_names_its_file(tmp_path):
+    """Without a checksum (stores written before it), garbage bytes fail in the decoder: one
+    DamagedChunk naming the chunk file, not a bare Blosc error."""
+    data = np.arange(40, dtype="float16").reshape(20, 2) + 1
+    _write(tmp_path / "a", data, chunks=(8, 2), compressors=zarr.codecs.BloscCodec(cname="lz4", shuffle="bitshuffle"))
+    (tmp_path / "a" / "c" / "2" / "0").write_bytes(b"\x02\x01" + b"\x00" * 30)
+    with pytest.raises(zarr_io.DamagedChunk, match=r"a/c/2/0: cannot decode"):
+        zarr_io.read_array(tmp_path / "a")
+
+
 def test_big_endian_arrays_read_by_the_lean_path(tmp_path):
     data = np.arange(60, dtype="float32").reshape(20, 3) / 7
     arr = zarr.create_array(str(tmp_path / "a"), shape=data.shape, dtype=data.dtype, chunks=(8, 3),
