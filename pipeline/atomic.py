@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -88,3 +89,18 @@ def write_tsv(final: str | Path, table) -> None:
     """A pandas DataFrame as a tab-separated file without the index, atomically."""
     with atomic_path(final) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
+
+
+def json_safe(obj):
+    """`obj` with every NaN/inf float as None, so the JSON written is valid (json.dumps would
+    write the non-standard `NaN`); nested dicts, lists and numpy scalars are handled."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)) and getattr(obj, "ndim", 0) == 0:
+        obj = obj.item()  # numpy scalar
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+

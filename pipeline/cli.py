@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.errors import SheetError, SlideError
+from pipeline.errors import ConfigError, SheetError, SlideError, one_line
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -45,10 +45,10 @@ def _tile_args(p: argparse.ArgumentParser) -> None:
 @command("tile", _tile_args)
 def _tile(args: argparse.Namespace) -> int:
     """Mask tissue and tile one slide at every magnification into a tile store."""
-    from pipeline.config import TilingConfig, load_config
+    from pipeline.config import TilingConfig, json_options, load_config
     from pipeline.tile_stage import record_failure, tile_to_store
 
-    block = json.loads(args.tiling) if args.tiling else load_config(args.config).get("tiling")
+    block = json_options(args.tiling, "--tiling") if args.tiling is not None else load_config(args.config).get("tiling")
     cfg = TilingConfig.from_dict(block)
     try:
         tile_to_store(args.slide, args.out, cfg, mpp=args.mpp, slide_id=args.slide_id,
@@ -151,12 +151,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
     """Train one model on one fold, early-stopped on validation AUC."""
     from pipeline.bags import cohort_cache, feature_fingerprints
-    from pipeline.config import load_config
+    from pipeline.config import json_options, load_config
     from pipeline.splits import read_splits
     from pipeline.store import read_attrs
     from pipeline.train import TrainConfig, train_fold
 
-    block = json.loads(args.training) if args.training else load_config(args.config).get("training")
+    block = json_options(args.training, "--training") if args.training is not None else load_config(args.config).get("training")
     cfg = TrainConfig.from_dict(block)
     feature_dirs = _features_arg(args.features)
     cache, classes = cohort_cache(args.sheet, feature_dirs, cfg.model.get("n_groups", 30))
@@ -193,7 +193,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.splits import read_splits
     from pipeline.train import evaluate_fold
 
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        ckpt["model_config"], ckpt["classes"]  # noqa: B018 - a checkpoint of `train`?
+    except Exception as e:
+        raise ConfigError(f"checkpoint {args.checkpoint}: not a checkpoint written by `train` "
+                          f"({type(e).__name__}: {one_line(e)[:160]})") from e
     cache, classes = cohort_cache(args.sheet, _features_arg(args.features), ckpt["model_config"]["n_groups"])
     if classes != ckpt["classes"]:
         raise SheetError(f"classes in the sheet {classes} differ from the checkpoint's {ckpt['classes']}")
@@ -388,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SlideError, SheetError) as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -398,5 +403,5 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = getattr(args, "slide", None) or getattr(args, "store", None) or ""
         prefix = f"{Path(where).name}: " if where else ""
-        print(f"error: {prefix}{type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {prefix}{type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 
+from pipeline.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -125,17 +127,33 @@ def weights_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def unreadable_weights(path: Path, e: Exception) -> ConfigError:
+    """The one-line error for a weights file torch/safetensors cannot load."""
+    if path.stat().st_size == 0:
+        why = "the file is empty"
+    elif "Unsupported global" in str(e):
+        why = "it holds pickled Python objects, not only tensors; save the state dict (torch.save(model.state_dict(), path))"
+    else:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        cause = next((ln for ln in lines if ln.startswith("Unsupported")), lines[0] if lines else "")
+        why = f"not a PyTorch or safetensors checkpoint ({type(e).__name__}: {cause[:120]})"
+    return ConfigError(f"weights file {path}: {why}")
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a checkpoint: unwraps `state_dict`/`model` wrappers and `module.` prefixes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        obj: Any = load_file(str(path))
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # text, empty, truncated, pickled objects: one line naming the file
+        raise unreadable_weights(path, e) from e
     for _ in range(4):  # e.g. {"state_dict": {"model": {...}}}
         if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
             break

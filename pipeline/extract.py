@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from pipeline.errors import SlideError
-from pipeline.slide import fingerprint, open_slide
+from pipeline.slide import fingerprint_matches, open_slide
 from pipeline.store import FeatureStoreWriter, read_tile_store
 
 log = logging.getLogger(__name__)
@@ -189,8 +189,13 @@ def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weig
     attrs = ts.attrs
     slide_id = attrs["slide_id"]
     slide_path = slide or attrs["slide_path"]
-    if cfg.check_slide and fingerprint(slide_path) != attrs["slide_fingerprint"]:
-        raise SlideError(slide_id, f"slide file changed since tiling ({slide_path}); re-run tiling")
+    if cfg.check_slide:
+        try:
+            same = fingerprint_matches(slide_path, attrs["slide_fingerprint"])
+        except OSError as e:
+            raise SlideError(slide_id, f"cannot read the slide file {slide_path}: {e}") from e
+        if not same:
+            raise SlideError(slide_id, f"slide file changed since tiling ({slide_path}); re-run tiling")
     base_mpp = mpp or attrs["base_mpp"]
     mags = mags or list(ts.tiles)
     unknown = [m for m in mags if m not in ts.tiles]
@@ -254,7 +259,15 @@ def _extract_mag(writer: FeatureStoreWriter, mag: str, slide_path: str, base_mpp
             n_failed += int(bad.sum())
         f = enc(imgs).numpy()  # (B, D) float32
         f[bad] = 0.0
-        feats.append(f.astype(np.float16))
+        f = f.astype(np.float16)  # (B, D); beyond ±65504 becomes inf here
+        nonfinite = ~np.isfinite(f).all(1)
+        if nonfinite.any():
+            i = int(np.argmax(nonfinite))
+            x, y = (int(v) for v in coords[pos + i])
+            raise SlideError(slide_id, f"encoder {enc.spec.name!r} gave non-finite features (NaN/inf in float16) for "
+                                       f"{int(nonfinite.sum())} {mag} tile(s), first #{pos + i} at level-0 ({x}, {y}); "
+                                       "check the weights and the encoder's precision")
+        feats.append(f)
         failed.append(bad)
         pos += len(imgs)
         if pos - row >= writer.chunk_rows or pos == n:

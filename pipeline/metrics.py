@@ -143,7 +143,7 @@ def summarize(metric_files: list[str | Path], reference: str = "m2otca", splits:
     for f in metric_files:
         m = json.loads(f.read_text())
         rows.append({"model": m["model"], "fold": f.parent.name, "n_test": m.get("n_test"),
-                     **{k: m[k] for k in METRICS}})
+                     **{k: float("nan") if m[k] is None else m[k] for k in METRICS}})  # null: undefined
     per_fold = pd.DataFrame(rows)
     preds = _load_predictions(metric_files)
     split_df = pd.read_csv(splits, sep="\t", dtype=str, keep_default_na=False) if splits else None

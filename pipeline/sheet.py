@@ -19,6 +19,7 @@ from pipeline.errors import SheetError
 REQUIRED = ("slide_id", "path", "label", "patient_id")
 OPTIONAL = ("mpp", "split")
 SPLITS = ("train", "test")
+_EXTRA = "\0extra"  # DictReader key of cells beyond the header
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -40,9 +41,12 @@ def parse_sheet(text: str, base: Path, check_files: bool = True, allowed_roots: 
                 labels: list[str] | None = None) -> list[SlideRow]:
     """Rows of a sheet given as text; `base` resolves relative paths. Raises SheetError naming the row."""
     text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    reader = csv.DictReader(io.StringIO(text), delimiter="\t")
+    reader = csv.DictReader(io.StringIO(text), delimiter="\t", restkey=_EXTRA)
     header = [_cell(h) for h in (reader.fieldnames or [])]
     reader.fieldnames = header
+    dup = sorted({c for c in header if c and header.count(c) > 1})
+    if dup:
+        raise SheetError(f"slide sheet: column(s) {dup} appear more than once in the header")
     missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise SheetError(f"slide sheet: missing column(s) {missing}; found {header}")
@@ -53,6 +57,10 @@ def parse_sheet(text: str, base: Path, check_files: bool = True, allowed_roots: 
     seen: dict[str, int] = {}
     roots = [r.resolve() for r in allowed_roots or []]
     for n, raw in enumerate(reader, start=2):  # row 1 is the header
+        extra = [c for c in raw.pop(_EXTRA, None) or [] if _cell(c)]
+        if extra:
+            raise SheetError(f"slide sheet row {n}: {len(header) + len(extra)} or more cells, the header has "
+                             f"{len(header)} columns (extra: {extra[:3]}); a tab too many?")
         rec = {k: _cell(v) for k, v in raw.items() if k}
         if not any(rec.values()):
             continue  # blank line

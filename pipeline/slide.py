@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -16,10 +16,16 @@ import cv2
 import numpy as np
 
 from pipeline.errors import SlideError
+from pipeline.slide_files import (  # noqa: F401 - fingerprints are part of this module's API
+    check_declared_size,
+    check_tiff,
+    fingerprint,
+    fingerprint_matches,
+    slide_files,
+)
 
 PLAUSIBLE_MPP = (0.05, 20.0)  # µm/px a resolution tag may claim and still be a scan resolution
 _UNIT_TO_UM = {"centimeter": 1e4, "inch": 25400.0}
-FINGERPRINT_BYTES = 1 << 20  # hashed from the head and the tail of every file of a slide
 
 
 @dataclass
@@ -35,28 +41,6 @@ class SlideInfo:
     mpp_source: str  # "override", "openslide", "tiff-resolution" or "objective-power"
     level_downsamples: list[float] = field(default_factory=list)
     level_dimensions: list[tuple[int, int]] = field(default_factory=list)
-
-
-def slide_files(path: str | Path) -> list[Path]:
-    """The files that make up a slide (one file, or every file of a folder such as DICOM/MRXS)."""
-    p = Path(path)
-    if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file())
-    return [p]
-
-
-def fingerprint(path: str | Path) -> str:
-    """sha256 over size, head and tail of every file of the slide: cheap on 10 GB slides, catches rewrites."""
-    h = hashlib.sha256()
-    for f in slide_files(path):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(FINGERPRINT_BYTES))
-            if size > FINGERPRINT_BYTES:
-                fh.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
-                h.update(fh.read(FINGERPRINT_BYTES))
-    return h.hexdigest()
 
 
 def _composite_white(rgba: np.ndarray) -> np.ndarray:
@@ -170,14 +154,30 @@ class Slide:
 class OpenSlideSlide(Slide):
     """Any format OpenSlide reads: SVS, NDPI, MRXS, DICOM, generic tiled TIFF, ..."""
 
-    def __init__(self, osr, info: SlideInfo):
+    def __init__(self, osr, info: SlideInfo, target: Path):
         self._osr = osr
         self.info = info
+        self._target = target  # the file OpenSlide opened (one file of a DICOM folder)
 
     def _read_level(self, level, x, y, w, h):
+        import openslide
+
         lds = self.info.level_downsamples[level]
-        region = self._osr.read_region((int(round(x * lds)), int(round(y * lds))), level, (w, h))
+        try:
+            region = self._osr.read_region((int(round(x * lds)), int(round(y * lds))), level, (w, h))
+        except openslide.OpenSlideError:
+            # OpenSlide errors are sticky: after one undecodable tile the handle fails every
+            # later read. A fresh handle keeps the failure to this tile.
+            self._reopen()
+            raise
         return _composite_white(np.asarray(region))
+
+    def _reopen(self) -> None:
+        import openslide
+
+        with contextlib.suppress(Exception):
+            self._osr.close()
+        self._osr = openslide.OpenSlide(str(self._target))
 
     def close(self):
         self._osr.close()
@@ -299,7 +299,7 @@ def _open_with_openslide(path: Path, override: float | None) -> Slide | None:
         mpp_source=source, level_downsamples=[float(d) for d in osr.level_downsamples],
         level_dimensions=[tuple(d) for d in osr.level_dimensions],
     )
-    return OpenSlideSlide(osr, info)
+    return OpenSlideSlide(osr, info, Path(target))
 
 
 class _Refused(Exception):
@@ -313,7 +313,7 @@ def _open_with_tifffile(path: Path, override: float | None, openslide_error: str
     def refuse(e: Exception) -> SlideError:
         if openslide_error:
             return SlideError(path.name, f"OpenSlide cannot open it ({openslide_error}) and tifffile cannot decode it ({e})")
-        return SlideError(path.name, f"neither OpenSlide nor tifffile can open it: {e}")
+        return SlideError(path.name, f"neither OpenSlide nor tifffile can open it: {type(e).__name__}: {e}")
 
     try:
         tif = tifffile.TiffFile(str(path))
@@ -336,9 +336,12 @@ def _open_with_tifffile(path: Path, override: float | None, openslide_error: str
         except Exception as e:
             raise refuse(e) from e
         mpp, source = resolve_mpp(path.name, override, candidates)
-    except Exception:
+    except SlideError:
         tif.close()
         raise
+    except Exception as e:
+        tif.close()
+        raise refuse(e) from e
     H, W = levels[0].shape[:2]
     info = SlideInfo(
         path=str(path), backend="tifffile", vendor="tiff", width=int(W), height=int(H), mpp=mpp,
@@ -348,40 +351,31 @@ def _open_with_tifffile(path: Path, override: float | None, openslide_error: str
     return TiffSlide(tif, levels, info)
 
 
-def check_brightfield(path: Path) -> None:
-    """Refuse TIFF-based images that are not 8-bit RGB (fluorescence, 16-bit, multi-channel)."""
-    if path.is_dir():
-        return
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic[:2] not in (b"II", b"MM"):
-        return
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(str(path)) as tif:
-            series = tif.series[0]
-            page = series.pages[0]
-            samples = getattr(page, "samplesperpixel", 1)
-            dtype, axes, shape = page.dtype, series.axes, series.shape
-    except Exception:
-        return  # not a TIFF tifffile understands; the readers below give the error
-    if dtype != np.uint8 or samples not in (3, 4) or axes[-1] != "S":
-        raise SlideError(
-            path.name,
-            f"not a brightfield RGB image ({dtype}, {samples} sample(s)/px, axes {axes}, shape {shape}); "
-            "fluorescence, 16-bit and multi-channel images are not supported",
-        )
-
-
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
-    """Open a slide with OpenSlide, else tifffile; `mpp` overrides the metadata (µm/px)."""
+    """Open a slide with OpenSlide, else tifffile; `mpp` overrides the metadata (µm/px).
+
+    Whatever a damaged file makes the readers raise becomes a SlideError with one line."""
     p = Path(path)
     if not p.exists():
         raise SlideError(p.name, f"file not found: {p}")
     if not os.access(p, os.R_OK):
         raise SlideError(p.name, f"file not readable: {p}")
-    check_brightfield(p)
+    try:
+        slide = _open(p, mpp)
+    except SlideError:
+        raise
+    except Exception as e:  # a reader choking on a damaged file: one line, never a traceback
+        raise SlideError(p.name, f"cannot open it: {type(e).__name__}: {e}") from e
+    try:
+        check_declared_size(p, slide.info.width, slide.info.height)
+    except BaseException:
+        slide.close()
+        raise
+    return slide
+
+
+def _open(p: Path, mpp: float | None) -> Slide:
+    check_tiff(p)
     try:
         slide = _open_with_openslide(p, mpp)
     except _Refused as e:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import __version__
-from pipeline.atomic import atomic_path, write_text, write_tsv
+from pipeline.atomic import atomic_path, json_safe, write_text, write_tsv
 from pipeline.bags import BagCache, collate
 from pipeline.config import checked_options
 from pipeline.metrics import classification_metrics
@@ -315,5 +315,5 @@ def evaluate_fold(ckpt: dict[str, Any], cache: BagCache, test_ids: list[str], ou
             arrays[f"{sid}|{t}|coords"] = cache[sid].coords[t]
     with atomic_path(out_dir / "attention.npz") as tmp:
         np.savez_compressed(tmp, **arrays)
-    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))  # last: marks the evaluation done
+    write_text(out_dir / "metrics.json", json.dumps(json_safe(metrics), indent=2, allow_nan=False))  # last: marks the evaluation done; NaN -> null
     return metrics

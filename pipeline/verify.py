@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 
 from pipeline import store as st
-from pipeline.slide import fingerprint
+from pipeline.slide_files import fingerprint, fingerprint_matches
 
 # severity -> does it make `verify` fail?
 SEVERITIES = {"broken": True, "stale": True, "incomplete": True, "missing": True, "failed": False}
 INCOMPLETE = "incomplete (interrupted run; rerun to resume)"
 FEATURE_ARRAYS = {"features": np.float16, "failed": np.bool_, "coords": np.int64, "region": np.int32}
+COPIED_ARRAYS = ("coords", "region")  # feature-store arrays copied from the tile store, compared with it
 _MAX_LISTED = 3  # tile indices quoted per problem
 
 
@@ -137,6 +138,16 @@ class _Checker:
                 self.fp_cache[slide_path] = None
         return self.fp_cache[slide_path]
 
+    def slide_matches(self, slide_path: str, recorded: str | None) -> bool | None:
+        """Whether the slide file is the one `recorded` (None: the file cannot be read)."""
+        current = self.slide_fingerprint(slide_path) if slide_path else None
+        if current is None:
+            return None
+        try:
+            return fingerprint_matches(slide_path, recorded, current)
+        except OSError:
+            return None
+
 
 def _check_store(path: Path, fp_cache: dict[str, str | None]) -> tuple[str, list[Problem]]:
     c = _Checker(path, fp_cache)
@@ -150,7 +161,15 @@ def _check_store(path: Path, fp_cache: dict[str, str | None]) -> tuple[str, list
         c.add(f"layout version {version!r}, expected {st.LAYOUT_VERSION} (rerun the stage to rewrite it)")
         return kind, c.problems
     if status == "failed":
-        c.add(f"failed: {attrs.get('error', 'no error recorded')}", "failed")
+        arrays = st.list_arrays(path) if kind in ("tiles", "features") else {}
+        if not str(attrs.get("error", "")).strip():
+            c.add("broken: status 'failed' but no error recorded (edited, or written by another tool); "
+                  "delete it and rerun the stage")
+        elif arrays:
+            c.add(f"broken: status 'failed' but it holds {len(arrays)} data array(s) (status edited?); "
+                  "delete it and rerun the stage")
+        else:
+            c.add(f"failed: {attrs['error']}", "failed")
         return "failed", c.problems
     if status != "ok":
         c.add(f"unknown status {status!r}")
@@ -262,10 +281,10 @@ def _check_tiles(c: _Checker, attrs: dict[str, Any]) -> None:
     if len(data) == len(mags) and digest != attrs.get("tiles_sha256"):
         c.add("tiles_sha256 does not match the stored coords (store modified after it was written)")
     slide_path = attrs.get("slide_path", "")
-    current = c.slide_fingerprint(slide_path) if slide_path else None
-    if current is None:
+    same = c.slide_matches(slide_path, attrs.get("slide_fingerprint"))
+    if same is None:
         c.add(f"stale: slide file not found ({slide_path or 'no slide_path recorded'})", "stale")
-    elif current != attrs.get("slide_fingerprint"):
+    elif not same:
         c.add(f"stale: slide changed since tiling ({slide_path})", "stale")
 
 
@@ -312,9 +331,14 @@ def _tile_store_of(path: Path) -> Path:
 
 def _check_features(c: _Checker, attrs: dict[str, Any]) -> None:
     mags = list(attrs["magnifications"])
+    damaged = st.chunk_problems(c.path)
+    for msg in damaged:
+        c.add(f"damaged chunk: {msg}")
+    if damaged:
+        return
     usable, arrays = _check_arrays(c, mags, FEATURE_ARRAYS, attrs.get("n_tiles", {}))
     dims = attrs.get("dims", {})
-    coords = {}
+    copied: dict[str, dict[str, np.ndarray]] = {}
     for mag in usable:
         info = arrays[f"{mag}/features"]
         if dims.get(mag) != info.shape[1]:
@@ -333,7 +357,7 @@ def _check_features(c: _Checker, attrs: dict[str, Any]) -> None:
         lost = zero_rows & ~failed
         if lost.any():
             c.add(f"{mag}/features: {int(lost.sum())} all-zero row(s) not marked failed (lost chunk?): {_first(lost)}")
-        coords[mag] = st.read_array(c.path, f"{mag}/coords")
+        copied[mag] = {k: st.read_array(c.path, f"{mag}/{k}") for k in COPIED_ARRAYS}
     tiles = _tile_store_of(c.path)
     t_status, t_attrs = st.store_state(tiles)
     if t_status != "ok":
@@ -342,13 +366,14 @@ def _check_features(c: _Checker, attrs: dict[str, Any]) -> None:
     if t_attrs.get("tiles_sha256") != attrs.get("tiles_sha256"):
         c.add("stale: tiles changed since extraction", "stale")
     else:
-        differ = [m for m in coords if m not in t_attrs.get("magnifications", [])
-                  or not np.array_equal(coords[m], st.read_array(tiles, f"{m}/coords"))]
-        if differ:
-            c.add(f"{', '.join(differ)}/coords: differ from the tile store's (store modified after it was written)")
+        for mag, arrays in copied.items():
+            for key, values in arrays.items():
+                if mag not in t_attrs.get("magnifications", []):
+                    c.add(f"{mag}: not in the tile store")
+                    break
+                if not np.array_equal(values, st.read_array(tiles, f"{mag}/{key}")):
+                    c.add(f"{mag}/{key}: differs from the tile store's (store modified after it was written)")
     if t_attrs.get("slide_fingerprint") != attrs.get("slide_fingerprint"):
         c.add("stale: slide changed since extraction (retiled from a different slide file)", "stale")
-    else:
-        current = c.slide_fingerprint(t_attrs.get("slide_path", ""))
-        if current is not None and current != attrs.get("slide_fingerprint"):
-            c.add("stale: slide changed since tiling", "stale")
+    elif c.slide_matches(t_attrs.get("slide_path", ""), attrs.get("slide_fingerprint")) is False:
+        c.add("stale: slide changed since tiling", "stale")

@@ -8,6 +8,8 @@ along the first axis only, default `c/...` chunk keys, `bytes` (+ optional `zstd
 codecs, a numeric fill value — and for exactly that kind the spec's decoding is a few lines: read each
 chunk file, decompress, copy. Any other array (other codecs, sharding, 2-D chunking) is read by
 zarr-python, so the result is always the spec's (tested equal on every array the stores hold).
+A trailing `crc32c` codec (feature stores) is checked here too: a changed byte raises
+`DamagedChunk` naming the chunk, as does a chunk file that is gone when `require_chunks`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from numcodecs import Zstd, blosc
 _ZSTD = Zstd()
 
 
+class DamagedChunk(ValueError):
+    """A chunk that cannot be trusted: checksum mismatch, undecodable or missing; names the file."""
+
+
 def read_node_meta(path: str | Path) -> dict[str, Any]:
     """The `zarr.json` document of a v3 group or array (raises OSError / ValueError if unreadable)."""
     meta = json.loads((Path(path) / "zarr.json").read_bytes())
@@ -33,8 +39,9 @@ def read_node_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _lean_plan(meta: dict[str, Any]) -> tuple[np.dtype, int, str | None, Any] | None:
-    """(dtype, rows per chunk, compressor name or None, fill) when the array is of the simple kind."""
+def _lean_plan(meta: dict[str, Any]) -> tuple[np.dtype, int, str | None, Any, bool] | None:
+    """(dtype, rows per chunk, compressor name or None, fill, crc32c) when the array is of the
+    simple kind."""
     try:
         shape = tuple(meta["shape"])
         chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
@@ -46,13 +53,16 @@ def _lean_plan(meta: dict[str, Any]) -> tuple[np.dtype, int, str | None, Any] | 
         fill = meta["fill_value"]
     except (KeyError, TypeError, ValueError, IndexError):
         return None
+    crc = bool(codecs) and codecs[-1] == "crc32c"
+    if crc:
+        codecs = codecs[:-1]
     simple = (
-        grid_ok and keys_ok and chunks[1:] == shape[1:] and codecs[0] == "bytes" and len(codecs) <= 2
+        grid_ok and keys_ok and chunks[1:] == shape[1:] and codecs[:1] == ["bytes"] and len(codecs) <= 2
         and set(codecs[1:]) <= {"zstd", "blosc"}
         and not meta.get("storage_transformers") and dtype.kind in "biuf"
         and isinstance(fill, (int, float, bool)) and math.isfinite(fill)
     )
-    return (dtype, int(chunks[0]), codecs[1] if len(codecs) == 2 else None, fill) if simple else None
+    return (dtype, int(chunks[0]), codecs[1] if len(codecs) == 2 else None, fill, crc) if simple else None
 
 
 def _decode(codec: str | None, raw: bytes, dest: np.ndarray) -> None:
@@ -65,14 +75,42 @@ def _decode(codec: str | None, raw: bytes, dest: np.ndarray) -> None:
         dest[:] = np.frombuffer(raw, dtype=np.uint8)
 
 
-def read_array(path: str | Path) -> np.ndarray:
-    """The whole array stored at `path` (an array directory of a local Zarr v3 store)."""
+def _unwrap_crc32c(raw: bytes, where: str) -> bytes:
+    """The chunk bytes without their trailing crc32c (little-endian uint32), checked."""
+    import google_crc32c
+
+    if len(raw) < 4 or google_crc32c.value(raw[:-4]).to_bytes(4, "little") != raw[-4:]:
+        raise DamagedChunk(f"{where}: checksum mismatch (the chunk's bytes changed on disk)")
+    return raw[:-4]
+
+
+def _missing_chunks(path: Path, meta: dict[str, Any]) -> list[str]:
+    """Chunk keys of a regular-grid array with the default key encoding that have no file."""
+    shape = [int(v) for v in meta["shape"]]
+    chunks = [int(v) for v in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+    sep = meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
+    counts = [math.ceil(s / c) if c else 0 for s, c in zip(shape, chunks)]
+    keys = ["c" + "".join(f"{sep}{i}" for i in idx) for idx in np.ndindex(*counts)] if all(counts) else []
+    return [k for k in keys if not (path / k).is_file()]
+
+
+def read_array(path: str | Path, require_chunks: bool = False) -> np.ndarray:
+    """The whole array stored at `path` (an array directory of a local Zarr v3 store).
+
+    A chunk never written reads as the fill value, unless `require_chunks` (stores written with
+    every chunk present): then a missing chunk raises DamagedChunk, as does a crc32c mismatch.
+    """
     path = Path(path)
     meta = read_node_meta(path)
     plan = _lean_plan(meta)
     if plan is None:
-        return np.asarray(zarr.open_array(str(path), mode="r")[...])
-    dtype, rows, codec, fill = plan
+        if require_chunks and (gone := _missing_chunks(path, meta)):
+            raise DamagedChunk(f"{path / gone[0]}: chunk missing ({len(gone)} of the array's chunks gone)")
+        try:
+            return np.asarray(zarr.open_array(str(path), mode="r")[...])
+        except (ValueError, RuntimeError) as e:  # checksum or codec errors
+            raise DamagedChunk(f"{path}: {' '.join(str(e).split())}") from e
+    dtype, rows, codec, fill, crc = plan
     shape = tuple(int(v) for v in meta["shape"])
     out = np.empty(shape, dtype=dtype.newbyteorder("="))
     if out.size == 0:
@@ -83,18 +121,28 @@ def read_array(path: str | Path) -> np.ndarray:
     base = os.path.join(path, "c")
     for i, start in enumerate(range(0, shape[0], rows)):
         stop = min(start + rows, shape[0])
+        key = f"{base}/{i}{tail}"
         try:
-            with open(f"{base}/{i}{tail}", "rb") as f:
+            with open(key, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:  # never written: all fill value
+            if require_chunks:
+                raise DamagedChunk(f"{key}: chunk missing (deleted or never written)") from None
             out[start:stop] = fill
             continue
-        if stop - start == rows:  # a whole chunk: decode in place
-            _decode(codec, raw, flat[start:stop].reshape(-1))
-        else:  # the edge chunk is stored whole (padded): decode, then keep its first rows
-            buf = np.empty(rows * flat.shape[1], dtype=np.uint8)
-            _decode(codec, raw, buf)
-            flat[start:stop] = buf.reshape(rows, -1)[: stop - start]
+        try:
+            if crc:
+                raw = _unwrap_crc32c(raw, key)
+            if stop - start == rows:  # a whole chunk: decode in place
+                _decode(codec, raw, flat[start:stop].reshape(-1))
+            else:  # the edge chunk is stored whole (padded): decode, then keep its first rows
+                buf = np.empty(rows * flat.shape[1], dtype=np.uint8)
+                _decode(codec, raw, buf)
+                flat[start:stop] = buf.reshape(rows, -1)[: stop - start]
+        except DamagedChunk:
+            raise
+        except Exception as e:  # blosc/zstd/size errors on damaged bytes
+            raise DamagedChunk(f"{key}: cannot decode ({type(e).__name__}: {' '.join(str(e).split())})") from e
     if swap:
         out.byteswap(inplace=True)
     return out

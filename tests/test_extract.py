@@ -151,7 +151,7 @@ def test_second_writer_is_refused(tiled, tmp_path):
     d, _ = tiled
     ts = read_tile_store(d / "s.zarr").tiles
     w = FeatureStoreWriter(tmp_path / "f.zarr", ts, {m: 4 for m in ts}, {"encoder": "x"})
-    with pytest.raises(StoreBusy, match="another process"):
+    with pytest.raises(StoreBusy, match="another writer in this process"):
         FeatureStoreWriter(tmp_path / "f.zarr", ts, {m: 4 for m in ts}, {"encoder": "x"})
     w.close()
     FeatureStoreWriter(tmp_path / "f.zarr", ts, {m: 4 for m in ts}, {"encoder": "x"}).close()

@@ -114,8 +114,36 @@ def _root_metadata(res: Path) -> None:
     (res / "tiles" / "s1.zarr" / "zarr.json").write_text("{")
 
 
+def _region_changed(res: Path) -> None:
+    arr = zarr.open_array(str(res / "features" / ENC / "s0.zarr" / "10x" / "region"), mode="r+")
+    arr[...] = arr[...] + 1  # a valid chunk (checksum and all), other values than the tile store's
+
+
+def _region_chunk_deleted(res: Path) -> None:
+    (res / "features" / ENC / "s0.zarr" / "20x" / "region" / "c" / "0").unlink()
+
+
+def _flipped_byte(res: Path) -> None:
+    chunk = res / "features" / ENC / "s0.zarr" / "5x" / "features" / "c" / "0" / "0"
+    b = bytearray(chunk.read_bytes())
+    b[len(b) // 2] ^= 1
+    chunk.write_bytes(bytes(b))
+
+
+def _status_flipped(res: Path) -> None:
+    import json
+
+    meta = json.loads((res / "tiles" / "s1.zarr" / "zarr.json").read_text())
+    meta["attributes"]["status"] = "failed"
+    (res / "tiles" / "s1.zarr" / "zarr.json").write_text(json.dumps(meta))
+
+
 DAMAGE = {
-    "chunk deleted": (_delete_feature_chunk, "features/resnet18_simclr/s0.zarr: 20x/features: {n} all-zero row(s) not marked failed (lost chunk?)"),
+    "chunk deleted": (_delete_feature_chunk, "features/resnet18_simclr/s0.zarr: damaged chunk: 20x/features: c/0/0: chunk missing"),
+    "region changed": (_region_changed, "features/resnet18_simclr/s0.zarr: 10x/region: differs from the tile store's"),
+    "region chunk deleted": (_region_chunk_deleted, "features/resnet18_simclr/s0.zarr: damaged chunk: 20x/region: c/0: chunk missing"),
+    "flipped byte": (_flipped_byte, "features/resnet18_simclr/s0.zarr: damaged chunk: 5x/features: c/0/0: checksum mismatch"),
+    "status flipped": (_status_flipped, "tiles/s1.zarr: broken: status 'failed' but no error recorded"),
     "coords out of slide": (_coords_out_of_slide, "tiles/s1.zarr: 20x/coords: 1 tile(s) outside the slide (level-0 768x896), first #0 at (1000000, 5)"),
     "NaN feature": (_nan_feature, "features/resnet18_simclr/s0.zarr: 10x/features: 1 non-finite value(s) (NaN/inf), first in tile #1"),
     "parent link": (_break_parent, "tiles/s1.zarr: 20x/parent: 1 link(s) to a 10x tile that does not contain the child"),
@@ -142,12 +170,13 @@ def test_damage_is_reported(res, damage, capsys):
 
 def test_changed_slide_is_stale(clean, tmp_path, capsys):
     slide = clean / "slides" / "s0.tif"
-    original = slide.read_bytes()
+    original, st = slide.read_bytes(), slide.stat()
     try:
         write_tiff(slide, tissue_image(896, 768, seed=99, blobs=4), mpp=0.5, levels=2)
         problems = verify_results([clean / "results"])
-    finally:
+    finally:  # restored as a backup would be (bytes and mtime): the fingerprint covers both
         slide.write_bytes(original)
+        os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns))
     got = {(Path(p.store).name, p.problem, p.severity) for p in problems}
     assert got == {("s0.zarr", f"stale: slide changed since tiling ({slide})", "stale"),
                    ("s0.zarr", "stale: slide changed since tiling", "stale")}, got

@@ -24,7 +24,8 @@ def _write(path, data, **kw):
     d=st.sampled_from([(), (1,), (2,), (7,)]),
     rows=st.integers(1, 64),
     dtype=st.sampled_from(["float16", "float32", "int32", "int64", "bool", "uint8"]),
-    codec=st.sampled_from(["none", "zstd", "blosc-lz4-bitshuffle", "blosc-zstd-shuffle"]),
+    codec=st.sampled_from(["none", "zstd", "blosc-lz4-bitshuffle", "blosc-zstd-shuffle", "crc32c", "zstd-crc32c",
+                           "blosc-crc32c"]),
     holes=st.booleans(),
 )
 def test_lean_path_equals_zarr(tmp_path_factory, n, d, rows, dtype, codec, holes):
@@ -39,6 +40,9 @@ def test_lean_path_equals_zarr(tmp_path_factory, n, d, rows, dtype, codec, holes
         "zstd": zarr.codecs.ZstdCodec(),
         "blosc-lz4-bitshuffle": zarr.codecs.BloscCodec(cname="lz4", shuffle="bitshuffle"),
         "blosc-zstd-shuffle": zarr.codecs.BloscCodec(cname="zstd", shuffle="shuffle"),
+        "crc32c": zarr.codecs.Crc32cCodec(),
+        "zstd-crc32c": [zarr.codecs.ZstdCodec(), zarr.codecs.Crc32cCodec()],
+        "blosc-crc32c": [zarr.codecs.BloscCodec(cname="lz4", shuffle="bitshuffle"), zarr.codecs.Crc32cCodec()],
     }[codec]}
     _write(path, data, fill_value=0, **kw)
     assert zarr_io._lean_plan(zarr_io.read_node_meta(path)) is not None  # the lean path is taken
@@ -92,13 +96,40 @@ def test_feature_store_read_equals_zarr_python(tmp_path):
         w.write("20x", start, feats[start : start + 16], failed[start : start + 16])
     w.finalize()
     meta = zarr_io.read_node_meta(tmp_path / "s.zarr" / "20x" / "features")
-    assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc"]
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc", "crc32c"]
     _, sets = read_feature_store(tmp_path / "s.zarr")
     ref = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["20x"]
     for key in ("features", "coords", "region", "failed"):
         np.testing.assert_array_equal(getattr(sets["20x"], key), ref[key][...])
     np.testing.assert_array_equal(sets["20x"].features, feats)
     assert sets["20x"].failed.tolist() == failed.tolist()
+
+
+def test_checksums_and_required_chunks(tmp_path):
+    """A changed byte fails the crc32c; a missing chunk reads as fill unless chunks are required."""
+    data = np.arange(40, dtype="float32").reshape(20, 2) + 1
+    _write(tmp_path / "a", data, chunks=(8, 2), compressors=[zarr.codecs.ZstdCodec(), zarr.codecs.Crc32cCodec()])
+    chunk = tmp_path / "a" / "c" / "1" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[3] ^= 0x40
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(zarr_io.DamagedChunk, match=r"a/c/1/0: checksum mismatch"):
+        zarr_io.read_array(tmp_path / "a")
+    chunk.unlink()
+    got = zarr_io.read_array(tmp_path / "a")
+    assert (got[8:16] == 0).all() and (got[:8] == data[:8]).all()
+    with pytest.raises(zarr_io.DamagedChunk, match=r"a/c/1/0: chunk missing"):
+        zarr_io.read_array(tmp_path / "a", require_chunks=True)
+
+
+def test_undecodable_chunk_names_its_file(tmp_path):
+    """Without a checksum (stores written before it), garbage bytes fail in the decoder: one
+    DamagedChunk naming the chunk file, not a bare Blosc error."""
+    data = np.arange(40, dtype="float16").reshape(20, 2) + 1
+    _write(tmp_path / "a", data, chunks=(8, 2), compressors=zarr.codecs.BloscCodec(cname="lz4", shuffle="bitshuffle"))
+    (tmp_path / "a" / "c" / "2" / "0").write_bytes(b"\x02\x01" + b"\x00" * 30)
+    with pytest.raises(zarr_io.DamagedChunk, match=r"a/c/2/0: cannot decode"):
+        zarr_io.read_array(tmp_path / "a")
 
 
 def test_big_endian_arrays_read_by_the_lean_path(tmp_path):

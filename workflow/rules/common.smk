@@ -8,10 +8,14 @@ import pandas as pd
 from snakemake.utils import validate
 
 from pipeline import provenance
-from pipeline.sheet import SAFE_ID, read_sheet
+from pipeline.config import check_model_options
+from pipeline.sheet import SAFE_ID, SlideRow, read_sheet
+from pipeline.splits import check_splittable
 
 # Nothing here may import torch (or any module that does): this runs in the Snakemake process.
 validate(config, schema="../schemas/config.schema.yaml")
+# training.model: ModelConfig checks its keys and values now too (one line naming the key), not at training
+check_model_options(config["training"]["model"])
 
 # envs/*.post-deploy.sh install this package into each rule's env (--sdm conda) from here.
 os.environ.setdefault("M2OTCA_PIPELINE_SRC", workflow.basedir)
@@ -68,6 +72,21 @@ def _load_sheet(path):
         ]
     ).set_index("slide_id", drop=False)
     return sheet
+
+
+def get_sheet_rows():
+    """The validated sheet as SlideRow records (for the checks the pipeline's library makes)."""
+    return [
+        SlideRow(
+            r.slide_id,
+            Path(r.path),
+            r.label,
+            r.patient_id,
+            None,
+            r.split if isinstance(r.split, str) and r.split else None,
+        )
+        for r in get_sheet().itertuples(index=False)
+    ]
 
 
 def get_slide_path(wildcards):
@@ -245,6 +264,8 @@ def get_heatmap_outputs(wildcards=None):
 
 
 def get_training_outputs(wildcards=None):
+    # before any job: a sheet that cannot give the configured folds fails now, not after tiling
+    check_splittable(get_sheet_rows(), config["splits"]["folds"])
     return (
         [f"{METRICS}/summary.tsv", f"{METRICS}/cross_attention.png"]
         + expand(f"{METRICS}/roc_{{model}}.png", model=config["models"])
