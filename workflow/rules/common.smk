@@ -13,9 +13,9 @@ from pipeline.sheet import SAFE_ID, SlideRow, read_sheet
 from pipeline.splits import check_splittable
 
 # Nothing here may import torch (or any module that does): this runs in the Snakemake process.
+# training.model first: ModelConfig names a wrong key or value in one line with the allowed ones
+check_model_options((config.get("training") or {}).get("model") or {})
 validate(config, schema="../schemas/config.schema.yaml")
-# training.model: ModelConfig checks its keys and values now too (one line naming the key), not at training
-check_model_options(config["training"]["model"])
 
 # envs/*.post-deploy.sh install this package into each rule's env (--sdm conda) from here.
 os.environ.setdefault("M2OTCA_PIPELINE_SRC", workflow.basedir)
