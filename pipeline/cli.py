@@ -38,8 +38,15 @@ def _tile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slide-id", default=None, help="id recorded in the store (default: file stem)")
     p.add_argument("--qc", default=None, help="QC thumbnail PNG to write")
     p.add_argument("--mask", default=None, help="tissue mask PNG to write")
+    p.add_argument("--annotations", default=None, help="QuPath GeoJSON or ASAP XML of the slide (with --include/--exclude)")
+    p.add_argument("--include", default="", help="comma-separated classes: tile only inside them")
+    p.add_argument("--exclude", default="", help="comma-separated classes: never tile inside them (e.g. pen marks)")
     p.add_argument("--record-failure", action="store_true",
                    help="on a slide error, write a failed store (and placeholder PNGs) and exit 0")
+
+
+def _names(csv: str) -> list[str]:
+    return [v for v in csv.split(",") if v]
 
 
 @command("tile", _tile_args)
@@ -52,7 +59,8 @@ def _tile(args: argparse.Namespace) -> int:
     cfg = TilingConfig.from_dict(block)
     try:
         tile_to_store(args.slide, args.out, cfg, mpp=args.mpp, slide_id=args.slide_id,
-                      qc_png=args.qc, mask_png=args.mask)
+                      qc_png=args.qc, mask_png=args.mask, annotations=args.annotations,
+                      include=_names(args.include), exclude=_names(args.exclude))
     except SlideError as e:
         if not args.record_failure:
             raise
@@ -412,6 +420,32 @@ def _summarize_predictions(args: argparse.Namespace) -> int:
     table = summarize_predictions(args.metrics)
     write_tsv(args.out, table)
     print(table[["model", "slides", "labelled", "refused"] + [c for c in table.columns if c.endswith("_ci95")]].to_string(index=False))
+    return 0
+
+
+def _qupath_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="tile store (<slide_id>.zarr)")
+    p.add_argument("--mask", default=None, help="the tiling stage's mask PNG (tissue outlines)")
+    p.add_argument("--attention", action="append", default=[], metavar="MODEL=NPZ",
+                   help="attention.npz of an evaluation or prediction (repeat; a slide is read from the file holding it)")
+    p.add_argument("--colour-model", default=None, help="model whose attention colours the tiles (default: the first)")
+    p.add_argument("--out", required=True, help="GeoJSON FeatureCollection to write")
+
+
+@command("export-qupath", _qupath_args)
+def _export_qupath(args: argparse.Namespace) -> int:
+    """A slide's tissue, tiles and attention as QuPath GeoJSON (level-0 px; File > Import objects)."""
+    from pipeline.geojson import export_slide, slide_attention
+    from pipeline.store import read_attrs
+
+    sid = read_attrs(args.store).get("slide_id", Path(args.store).stem)
+    files: dict[str, list[str]] = {}
+    for v in args.attention:
+        model, _, npz = v.partition("=")
+        files.setdefault(model, []).append(npz)
+    attention = {m: a for m, f in files.items() if (a := slide_attention(f, sid))}
+    n = export_slide(args.store, args.out, args.mask, attention, args.colour_model)
+    logging.info("%s: %d objects (attention of %s) -> %s", sid, n, sorted(attention) or "no model", args.out)
     return 0
 
 

@@ -9,6 +9,7 @@ then by position inside the region, the same at every magnification.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -177,8 +178,13 @@ class TilingResult:
     thumb_mpp: float
 
 
-def tile_slide(slide: Slide, cfg: TilingConfig) -> TilingResult:
-    """Mask tissue and tile the slide at every configured magnification."""
+def tile_slide(slide: Slide, cfg: TilingConfig,
+               restrict: Callable[[np.ndarray, float], np.ndarray] | None = None) -> TilingResult:
+    """Mask tissue and tile the slide at every configured magnification.
+
+    `restrict(mask, level-0 px per mask px) -> mask`, when given, edits the tissue mask before
+    tiling (annotated include / exclude regions, :func:`pipeline.annotations.mask_restriction`).
+    """
     check_targets(slide, cfg)
     info = slide.info
     mask_mpp = max(cfg.mask_mpp, info.mpp * max(info.width, info.height) / cfg.mask_max_side)
@@ -194,6 +200,8 @@ def tile_slide(slide: Slide, cfg: TilingConfig) -> TilingResult:
     mask = tissue_mask_from_saturation(sat, mask_mpp, cfg.saturation_floor, cfg.min_component_um2, cfg.max_hole_um2)
     del sat
     scale = mask_mpp / info.mpp
+    if restrict is not None:
+        mask = restrict(mask, scale)
     grid = make_grid(info.width, info.height, info.mpp, cfg)
     tiles = tile_grid(mask, scale, grid, cfg)
     if thumb is None:
