@@ -88,3 +88,25 @@ def write_tsv(final: str | Path, table) -> None:
     """A pandas DataFrame as a tab-separated file without the index, atomically."""
     with atomic_path(final) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
+
+
+def _strict(obj):
+    """NaN / inf -> None and numpy scalars -> Python, so the JSON is strict (no NaN tokens)."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):  # numpy scalar
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(final: str | Path, obj, indent: int | None = 2) -> None:
+    """`obj` as strict JSON (NaN -> null), atomically."""
+    import json
+
+    write_text(final, json.dumps(_strict(obj), indent=indent))

@@ -449,6 +449,29 @@ def _export_qupath(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cohort_qc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sheet", required=True, help="slide sheet (TSV; labels and the optional site column colour the PCA)")
+    p.add_argument("--features", action="append", required=True, metavar="MAG=DIR",
+                   help="feature store folder per magnification (repeat)")
+    p.add_argument("--out-dir", required=True, help="folder for cohort_outliers.tsv, cohort_features.tsv, cohort_qc.json, cohort_pca.png")
+    p.add_argument("--min-tiles", type=int, default=16, help="fewer usable tiles: listed as 'few tiles'")
+    p.add_argument("--outlier-z", type=float, default=3.5, help="robust z-score of a slide's distance to the cohort mean")
+    p.add_argument("--workers", type=int, default=1, help="Dask threads")
+
+
+@command("cohort-qc", _cohort_qc_args)
+def _cohort_qc(args: argparse.Namespace) -> int:
+    """Cohort feature QC (Dask): slide means and spread, PCA, outlier slides, batch-effect score."""
+    from pipeline.cohort_qc import QCConfig, cohort_qc
+    from pipeline.sheet import read_sheet
+
+    rows = read_sheet(args.sheet, check_files=False, require_label=False)
+    cfg = QCConfig(min_tiles=args.min_tiles, outlier_z=args.outlier_z, workers=args.workers)
+    s = cohort_qc(rows, _features_arg(args.features), args.out_dir, cfg)
+    logging.info("cohort QC: %d slides, %d listed (%d outliers) -> %s", s["slides"], s["listed"], s["outliers"], args.out_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

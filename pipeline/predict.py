@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.atomic import atomic_path, write_text, write_tsv
+from pipeline.atomic import atomic_path, write_json, write_tsv
 from pipeline.metrics import METRICS, classification_metrics
 from pipeline.sheet import SlideRow
 from pipeline.store import read_attrs, store_state
@@ -143,19 +143,6 @@ def bootstrap_ci(y: np.ndarray, prob: np.ndarray, patients: np.ndarray, classes:
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     return {k: ([float(np.percentile(v, lo)), float(np.percentile(v, hi))] if len(v) >= 100 else [math.nan, math.nan])
             for k, v in draws.items()}
-
-
-def _json_clean(obj: Any) -> Any:
-    """NaN -> null, numpy scalars -> Python: strict JSON."""
-    if isinstance(obj, dict):
-        return {k: _json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_clean(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 # --------------------------------------------------------------------------- prediction
@@ -323,7 +310,7 @@ def write_model_outputs(run: TrainedRun, model_name: str, rows: list[SlideRow], 
             render_heatmap(a["slide_path"], attention[sid], a["tile_px_level0"], out_dir / "heatmaps" / f"{sid}.png",
                            title=f"{sid}  label {row['label'] or '?'}  {probs} ({len(run.folds)}-fold ensemble)",
                            mpp=a["base_mpp"])
-    write_text(out_dir / "metrics.json", json.dumps(_json_clean(metrics), indent=2))  # last: marks it done
+    write_json(out_dir / "metrics.json", metrics)  # last: marks it done
     return metrics
 
 
