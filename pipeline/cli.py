@@ -435,10 +435,16 @@ def _qupath_args(p: argparse.ArgumentParser) -> None:
 @command("export-qupath", _qupath_args)
 def _export_qupath(args: argparse.Namespace) -> int:
     """A slide's tissue, tiles and attention as QuPath GeoJSON (level-0 px; File > Import objects)."""
+    from pipeline.atomic import write_text
     from pipeline.geojson import export_slide, slide_attention
-    from pipeline.store import read_attrs
+    from pipeline.store import store_state
 
-    sid = read_attrs(args.store).get("slide_id", Path(args.store).stem)
+    status, attrs = store_state(args.store)
+    sid = attrs.get("slide_id", Path(args.store).stem)
+    if status != "ok":  # a failed slide: an empty collection, so the cohort goes on
+        write_text(args.out, '{"type":"FeatureCollection","features":[]}')
+        print(f"error: {sid}: tile store {status}: {attrs.get('error', args.store)}; nothing to export", file=sys.stderr)
+        return 0
     files: dict[str, list[str]] = {}
     for v in args.attention:
         model, _, npz = v.partition("=")
@@ -453,7 +459,7 @@ def _cohort_qc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sheet", required=True, help="slide sheet (TSV; labels and the optional site column colour the PCA)")
     p.add_argument("--features", action="append", required=True, metavar="MAG=DIR",
                    help="feature store folder per magnification (repeat)")
-    p.add_argument("--out-dir", required=True, help="folder for cohort_outliers.tsv, cohort_features.tsv, cohort_qc.json, cohort_pca.png")
+    p.add_argument("--out-dir", required=True, help="folder for cohort_outliers.tsv, cohort_features.tsv, cohort_qc.json, cohort_pca.svg")
     p.add_argument("--min-tiles", type=int, default=16, help="fewer usable tiles: listed as 'few tiles'")
     p.add_argument("--outlier-z", type=float, default=3.5, help="robust z-score of a slide's distance to the cohort mean")
     p.add_argument("--workers", type=int, default=1, help="Dask threads")

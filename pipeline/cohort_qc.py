@@ -185,7 +185,8 @@ def batch_effect(x: np.ndarray, sites: np.ndarray, cfg: QCConfig) -> dict[str, A
 
 def cohort_qc(rows: list[SlideRow], feature_dirs: dict[str, Path], out_dir: str | Path,
               cfg: QCConfig | None = None) -> dict[str, Any]:
-    """Write cohort_features.tsv, cohort_outliers.tsv, cohort_qc.json and cohort_pca.png to `out_dir`."""
+    """Write cohort_features.tsv, cohort_outliers.tsv, cohort_qc.json and cohort_pca.svg to `out_dir`
+    (SVG: a `<slide>.png` beside it is a slide's QC picture)."""
     cfg = cfg or QCConfig()
     out_dir = Path(out_dir)
     stats = feature_stats(rows, feature_dirs, cfg)
@@ -236,7 +237,7 @@ def cohort_qc(rows: list[SlideRow], feature_dirs: dict[str, Path], out_dir: str 
                "config": asdict(cfg)}
     write_tsv(out_dir / "cohort_features.tsv", pd.DataFrame(table))
     write_tsv(out_dir / "cohort_outliers.tsv", outliers)
-    plot_pca(pd.DataFrame(table), outliers, pcs, batch, out_dir / "cohort_pca.png")
+    plot_pca(pd.DataFrame(table), outliers, pcs, batch, out_dir / "cohort_pca.svg")
     write_json(out_dir / "cohort_qc.json", summary)
     return summary
 

@@ -1,6 +1,7 @@
 rule tile_slide:
     input:
         slide=get_slide_path,
+        annotations=get_annotation_input,
     output:
         store=directory(f"{RESULTS}/tiles/{{slide}}.zarr"),
         qc=report(
@@ -23,11 +24,12 @@ rule tile_slide:
     params:
         mpp=get_mpp_arg,
         tiling=tiling_json(),
+        annotations=get_annotation_args,
         version=PIPELINE_VERSION,
     shell:
         "python -m pipeline tile {input.slide:q} --out {output.store:q} --slide-id {wildcards.slide} "
         "{params.mpp} --tiling '{params.tiling}' --qc {output.qc:q} --mask {output.mask:q} "
-        "--record-failure > {log} 2>&1"
+        "{params.annotations} --record-failure > {log} 2>&1"
 
 
 rule summarize_tiles:
