@@ -117,3 +117,20 @@ def test_one_site_is_one_line_and_cli(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == ["cohort QC: site column: one site only (H1): no batch-effect score"]
     s = json.loads((tmp_path / "qc" / "cohort_qc.json").read_text())
     assert s["batch_effect"]["score"] is None and s["slides"] == 12
+
+
+def test_bench_last_line(tmp_path, capsys):
+    import importlib.util
+    import re
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_cohort_qc", REPO / "bench" / "cohort_qc.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--sizes", "6,3", "--dim", "8", "--cache", str(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    m = re.fullmatch(r"rss_mib_3=(\d+) rss_mib_6=(\d+) seconds_3=([\d.]+) seconds_6=([\d.]+) rss_ratio=([\d.]+)", last)
+    assert m, last
+    assert float(m[5]) == pytest.approx(int(m[2]) / int(m[1]), abs=0.01) and int(m[1]) > 50
+    assert (tmp_path / "n6-d8" / "qc-3" / "cohort_outliers.tsv").exists()
