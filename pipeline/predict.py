@@ -149,19 +149,23 @@ def bootstrap_ci(y: np.ndarray, prob: np.ndarray, patients: np.ndarray, classes:
 
 
 def ensemble_predict(run: TrainedRun, model_name: str, slide_ids: list[str], feature_dirs: dict[str, Path],
-                     cfg: PredictConfig) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, dict[str, tuple]]]:
-    """(mean probability (S, C), fold -> probability (S, C), slide -> mag -> (fold-mean attention, coords))."""
+                     cfg: PredictConfig) -> tuple[list[str], np.ndarray, dict[str, np.ndarray], dict[str, dict[str, tuple]], dict[str, str]]:
+    """(slides predicted, mean probability (S, C), fold -> probability (S, C), slide -> mag ->
+    (fold-mean attention, coords), slide -> why it could not be loaded)."""
     import torch
 
     from pipeline.bags import BagCache
+    from pipeline.errors import SlideError
     from pipeline.train import load_model, predict, seed_everything
 
     seed_everything(cfg.seed)
     ckpts = [torch.load(p, map_location="cpu", weights_only=False) for p in run.models[model_name]]
     models = [load_model(ck, cfg.device) for ck in ckpts]
     n_groups = ckpts[0]["model_config"]["n_groups"]
-    fold_probs = {f: [] for f in run.folds}
+    fold_probs: dict[str, list[np.ndarray]] = {f: [] for f in run.folds}
     attention: dict[str, dict[str, tuple]] = {}
+    done: list[str] = []
+    unusable: dict[str, str] = {}
     stores = {s: {m: feature_dirs[m] / f"{s}.zarr" for m in run.mags} for s in slide_ids}
     from tqdm import tqdm
 
@@ -169,9 +173,19 @@ def ensemble_predict(run: TrainedRun, model_name: str, slide_ids: list[str], fea
                mininterval=1.0 if sys.stdout.isatty() else 15.0)
     for start in range(0, len(slide_ids), cfg.chunk_slides):
         chunk = slide_ids[start : start + cfg.chunk_slides]
+        n_chunk = len(chunk)
         cache = BagCache({s: stores[s] for s in chunk}, {s: 0 for s in chunk}, n_groups)  # labels unused
+        for s in list(chunk):  # load first: a slide without usable tiles is left out, not fatal
+            try:
+                cache[s]
+            except SlideError as e:
+                unusable[s] = e.cause
+        chunk = [s for s in chunk if s not in unusable]
+        done += chunk
         summed: dict[str, dict[str, np.ndarray]] = {}
         for fold, model in zip(run.folds, models):
+            if not chunk:
+                continue
             res = predict(model, cache, chunk, run.mags, batch_size=1, prefetch=1)
             fold_probs[fold].append(res["prob"])
             for sid, per_mag in res["tile_attention"].items():
@@ -180,11 +194,12 @@ def ensemble_predict(run: TrainedRun, model_name: str, slide_ids: list[str], fea
                     acc[t] = acc[t] + a if t in acc else a.astype(np.float64)
         for sid, per_mag in summed.items():
             attention[sid] = {t: ((a / len(models)).astype(np.float32), cache[sid].coords[t]) for t, a in per_mag.items()}
-        bar.update(len(chunk))
+        bar.update(n_chunk)
     bar.close()
-    per_fold = {f: np.concatenate(v) for f, v in fold_probs.items()}
+    empty = np.zeros((0, len(run.classes)))
+    per_fold = {f: np.concatenate(v) if v else empty for f, v in fold_probs.items()}
     mean = np.mean(np.stack(list(per_fold.values())), axis=0)  # (S, C)
-    return mean, per_fold, attention
+    return done, mean, per_fold, attention, unusable
 
 
 def predictions_table(rows: list[SlideRow], classes: list[str], mean: np.ndarray,
@@ -282,11 +297,12 @@ def write_model_outputs(run: TrainedRun, model_name: str, rows: list[SlideRow], 
     """Predict `rows` (already checked) with one model's folds and write every output; returns metrics."""
     out_dir = Path(out_dir)
     (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
-    ids = [r.slide_id for r in rows]
-    if ids:
-        mean, per_fold, attention = ensemble_predict(run, model_name, ids, feature_dirs, cfg)
-    else:
-        mean, per_fold, attention = np.zeros((0, len(run.classes))), {f: np.zeros((0, len(run.classes))) for f in run.folds}, {}
+    ids, mean, per_fold, attention, unusable = ensemble_predict(run, model_name, [r.slide_id for r in rows],
+                                                                feature_dirs, cfg)
+    for sid, why in unusable.items():
+        log.warning("%s: not predicted (failed): %s", sid, why)
+    refused = refused + [{"slide_id": s, "kind": "failed", "detail": why} for s, why in unusable.items()]
+    rows = [r for r in rows if r.slide_id not in unusable]
     pred = predictions_table(rows, run.classes, mean, per_fold)
     metrics = {"model": model_name, "n_slides": len(ids), "n_refused": len(refused),
                **external_metrics(pred, run.classes, run.folds, cfg), "trained_run": run.describe()}

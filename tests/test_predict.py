@@ -21,7 +21,8 @@ from pipeline.predict import PredictConfig, bootstrap_ci, fast_metrics, predict_
 from pipeline.sheet import read_sheet
 from pipeline.splits import write_splits
 from pipeline.store import write_tile_store
-from pipeline.synthbags import MAGS, SynthConfig, make_cohort, make_slide, write_slide
+from pipeline.synthbags import MAGS, SynthConfig, SynthSlide, make_cohort, make_slide, write_slide
+from pipeline.tiling import TileSet
 from pipeline.train import TrainConfig, train_fold
 from pipeline.trained_run import RunError, load_trained_run
 
@@ -162,13 +163,23 @@ def test_stale_features_and_failed_slides_left_out(run_dir, new_cohort, tmp_path
     from pipeline.store import write_failed_store
 
     write_failed_store(res / "tiles" / f"{c.slides[2]}.zarr", "tiles", c.slides[2], "unreadable slide")
+    # slide 3: no tissue at all (empty stores): left out, not fatal
+    z = np.zeros((0, 2), np.int64)
+    empty = {t: TileSet(z, z.astype(np.int32), np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.int64))
+             for t in MAGS}
+    write_tile_store(res / "tiles" / f"{c.slides[3]}.zarr", empty, {"slide_id": c.slides[3], "tiling": TILING})
+    shutil.rmtree(res / "features" / "synthetic" / f"{c.slides[3]}.zarr")
+    write_slide(SynthSlide(c.slides[3], "p", "normal", "none", empty, {t: np.zeros((0, 16), np.float16) for t in MAGS},
+                           {t: np.zeros(0, bool) for t in MAGS}), res / "features" / "synthetic" / f"{c.slides[3]}.zarr")
     rows = read_sheet(c.sheet, check_files=False)
     predict_cohort(run := load_trained_run(run_dir), rows, res, tmp_path / "out", cfg=_cfg(n_bootstrap=0))
     refused = pd.read_csv(tmp_path / "out" / "abmil_3" / "refused.tsv", sep="\t").set_index("slide_id")
     assert refused.loc[c.slides[0], "kind"] == "mismatch" and "other tiles" in refused.loc[c.slides[0], "detail"]
     assert refused.loc[c.slides[1], "kind"] == "failed" and "missing" in refused.loc[c.slides[1], "detail"]
     assert refused.loc[c.slides[2], "detail"] == "tiling failed: unreadable slide"
-    assert run.models
+    assert refused.loc[c.slides[3], "detail"] == "no tiles with tissue at any magnification"
+    pred = pd.read_csv(tmp_path / "out" / "abmil_3" / "predictions.csv")
+    assert pred["slide_id"].tolist() == c.slides[4:] and run.models
 
 
 def test_unlabelled_sheet_predicts_without_metrics(run_dir, new_cohort, tmp_path):
@@ -252,6 +263,7 @@ def test_bootstrap_resamples_patients():
     assert one["auc"][0] < auc < one["auc"][1] and one["auc"][1] - one["auc"][0] < 0.5
 
 
+@pytest.mark.filterwarnings("ignore")  # sklearn warns on the one-class draws it is compared on
 def test_fast_metrics_are_sklearns():
     rng = np.random.default_rng(1)
     for n_classes in (2, 3):
