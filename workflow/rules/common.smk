@@ -110,15 +110,19 @@ def get_annotation_input(wildcards):
     )
 
 
-def get_annotation_args(wildcards):
+def get_tile_slide_args(wildcards):
+    """tile_slide's per-slide options: the mpp override and, when the slide has an annotation file
+    and include/exclude classes are set, its regions. One param (`mpp`), so a slide without
+    either keeps the provenance recorded before annotations existed (no re-tiling on upgrade)."""
+    args = get_mpp_arg(wildcards)
     files = get_annotation_input(wildcards)
-    if not files:
-        return ""
-    ann = config["annotations"]
-    return (
-        f"--annotations {shlex.quote(files[0])} "
-        f"--include {shlex.quote(','.join(ann['include']))} --exclude {shlex.quote(','.join(ann['exclude']))}"
-    )
+    if files:
+        ann = config["annotations"]
+        args += (
+            f" --annotations {shlex.quote(files[0])} --include {shlex.quote(','.join(ann['include']))}"
+            f" --exclude {shlex.quote(','.join(ann['exclude']))}"
+        )
+    return args.strip()
 
 
 def get_tile_stores(wildcards=None):

@@ -22,14 +22,13 @@ rule tile_slide:
         mem_mb=2000,
         runtime=30,
     params:
-        mpp=get_mpp_arg,
+        mpp=get_tile_slide_args,
         tiling=tiling_json(),
-        annotations=get_annotation_args,
         version=PIPELINE_VERSION,
     shell:
         "python -m pipeline tile {input.slide:q} --out {output.store:q} --slide-id {wildcards.slide} "
         "{params.mpp} --tiling '{params.tiling}' --qc {output.qc:q} --mask {output.mask:q} "
-        "{params.annotations} --record-failure > {log} 2>&1"
+        "--record-failure > {log} 2>&1"
 
 
 rule summarize_tiles:
