@@ -119,7 +119,7 @@ def slide_features(tile_store: str | Path, mask_png: str | Path | None = None,
             raise ValueError(f"{mask_png}: not a readable PNG")
         for i, p in enumerate(mask_polygons(mask > 127, a["mask_mpp"] / a["base_mpp"])):
             out.append(feature(p, "annotation", f"{sid}/tissue/{i}", TISSUE, name=f"Tissue {i + 1}",
-                               measurements={"Area px^2": p.area}))
+                               measurements={"Area µm^2": p.area * a["base_mpp"] ** 2}))
     attention = attention or {}
     colour_model = colour_model if colour_model in attention else next(iter(attention), None)
     for k, (mag, tiles) in enumerate(ts.tiles.items()):

@@ -85,6 +85,8 @@ def test_export_matches_qupath_schema_and_round_trips(tmp_path):
     assert by_name["20x #2"]["color"] == [0, 0, 4] and by_name["20x #1"]["color"] == [252, 255, 164]  # inferno ends
     assert "Attention abmil_3" not in by_name["10x #2"]["measurements"] and "color" not in by_name["10x #2"]
     assert by_name["Tissue 1"]["classification"] == {"name": "Tissue", "color": [0, 200, 0]}
+    areas = sorted(f["properties"]["measurements"]["Area µm^2"] for f in doc["features"] if f["properties"]["objectType"] == "annotation")
+    assert areas == pytest.approx(sorted(p.area * 0.25 for p in mask_polygons(mask, 16.0)), rel=1e-3)  # 0.5 µm/px
     # a rerun writes the same bytes (deterministic ids)
     first = (tmp_path / "s1.geojson").read_bytes()
     export_slide(tmp_path / "t.zarr", tmp_path / "s1.geojson", tmp_path / "m.png", {"abmil_3": att}, "abmil_3")

@@ -4,10 +4,13 @@ whose features come from another encoder refused; QuPath exports and cohort QC a
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import snakemake_cmd, tissue_image, venv_env, write_cohort, write_tiff
@@ -70,3 +73,13 @@ def test_predict_new_slides_with_a_trained_run(tmp_path):
     assert "refused: n2: 20x features encoder timm:resnet50, the trained run's resnet18_simclr" in log
     assert pd.read_csv(out / "predictions.csv")["slide_id"].tolist() == ["n0", "n1"]
     assert pd.read_csv(out / "refused.tsv", sep="\t")["slide_id"].tolist() == ["n2"]
+    # without Snakemake: `predict --prepare` tiles and extracts with the run's record, then predicts
+    alone = tmp_path / "results" / "alone"
+    r = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--run", str(run), "--sheet", str(tmp_path / "new.tsv"),
+                        "--results", str(alone), "--prepare", "--bootstrap", "0", "--heatmap-n", "0"],
+                       capture_output=True, text=True, cwd=tmp_path, env=venv_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = pd.read_csv(alone / "predictions" / "resnet18_simclr" / "abmil_3" / "predictions.csv")
+    assert read_attrs(alone / "tiles" / "n1.zarr")["tiling"] == read_attrs(ext / "tiles" / "n1.zarr")["tiling"]
+    snk = pd.read_csv(io.BytesIO(first))
+    assert np.allclose(again.filter(like="prob_").to_numpy(), snk.filter(like="prob_").to_numpy(), atol=1e-3)
