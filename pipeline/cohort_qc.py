@@ -6,8 +6,8 @@ chunk by chunk to its slide's mean and spread (RMS distance of its tiles to that
 bounded number of stores per Dask compute: memory does not grow with the cohort beyond one
 (slides x D) table of means. The PCA of the slide means is Dask's randomised SVD
 (`dask.array.linalg.svd_compressed`, out of core). A slide is an outlier when its mean's
-distance to the cohort's (in the whitened leading components) has a robust z-score
-(median / MAD) above `outlier_z`; slides with no or very few tiles, and failed stores, are
+distance to the cohort's (in the leading components, each scaled by its MAD) has a robust
+z-score (median / MAD) above `outlier_z`; slides with no or very few tiles, and failed stores, are
 listed loudly: a common silent failure elsewhere. With a `site` column (hospital, scanner),
 the batch-effect score is how well a cross-validated linear classifier (shrinkage LDA) predicts
 the site from the slide means (balanced accuracy; chance = 1 / sites), with a permutation p-value.
@@ -48,7 +48,8 @@ class QCConfig:
 class MagStats:
     slide_ids: list[str]
     n_tiles: np.ndarray  # (S,) usable tiles (not failed to decode); -1 = store failed / missing
-    means: np.ndarray  # (S, D) float64 slide means (NaN rows where n_tiles <= 0)
+    means: Any  # (S, D) float32 slide means on disk (a Zarr array; NaN rows where n_tiles <= 0)
+    mean_norm: np.ndarray  # (S,) length of each slide's mean
     spread: np.ndarray  # (S,) RMS distance of a slide's tiles to its mean
     problems: dict[str, str] = field(default_factory=dict)  # slide -> why its store could not be read
 
@@ -82,10 +83,14 @@ def min_tiles_at(mags: list[str], min_tiles: int) -> dict[str, int]:
     return {m: max(1, math.ceil(min_tiles / 4**i)) for i, m in enumerate(mags)}
 
 
-def feature_stats(rows: list[SlideRow], feature_dirs: dict[str, Path], cfg: QCConfig) -> dict[str, MagStats]:
+def feature_stats(rows: list[SlideRow], feature_dirs: dict[str, Path], cfg: QCConfig,
+                  scratch: str | Path) -> dict[str, MagStats]:
     """Per magnification: every slide's usable tile count, feature mean and spread. Stores are
-    reduced `cfg.stores_per_compute` at a time (all their magnifications in one Dask compute)."""
+    reduced `cfg.stores_per_compute` at a time (all their magnifications in one Dask compute);
+    the slide means go to an (S, D) Zarr table under `scratch`, one block per batch, so memory
+    holds one batch of them whatever the cohort's size."""
     import dask
+    import zarr
     from tqdm import tqdm
 
     ids = [r.slide_id for r in rows]
@@ -93,13 +98,17 @@ def feature_stats(rows: list[SlideRow], feature_dirs: dict[str, Path], cfg: QCCo
     by_dir: dict[Path, list[str]] = {}
     for m, d in feature_dirs.items():
         by_dir.setdefault(Path(d), []).append(m)
+    step = cfg.stores_per_compute
     n = {m: np.full(len(ids), -1, np.int64) for m in mags}
-    sums: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {m: {} for m in mags}
+    norm = {m: np.full(len(ids), np.nan) for m in mags}
+    spread = {m: np.full(len(ids), np.nan) for m in mags}
+    means: dict[str, Any] = {}
     problems: dict[str, dict[str, str]] = {m: {} for m in mags}
     bar = tqdm(total=len(ids), desc="cohort QC", unit="slide", mininterval=15.0, disable=None)
-    for start in range(0, len(ids), cfg.stores_per_compute):
+    for start in range(0, len(ids), step):
+        stop = min(len(ids), start + step)
         lazy, where = [], []
-        for i in range(start, min(len(ids), start + cfg.stores_per_compute)):
+        for i in range(start, stop):
             for d, dmags in by_dir.items():
                 p = d / f"{ids[i]}.zarr"
                 status, attrs = store_state(p)
@@ -115,40 +124,48 @@ def feature_stats(rows: list[SlideRow], feature_dirs: dict[str, Path], cfg: QCCo
                 for m in dmags if why else []:
                     problems[m][ids[i]] = why
         done = dask.compute(*lazy, scheduler="threads" if cfg.workers > 1 else "sync", num_workers=cfg.workers)
+        block: dict[str, np.ndarray] = {}
         for i, per_mag in zip(where, done):
             for m, v in per_mag.items():
                 d = (len(v) - 1) // 2
+                if m not in means:
+                    means[m] = zarr.create_array(str(Path(scratch) / f"means_{m}.zarr"), shape=(len(ids), d),
+                                                 chunks=(step, d), dtype=np.float32, fill_value=np.nan)
+                block.setdefault(m, np.full((stop - start, d), np.nan, np.float32))
                 n[m][i] = int(v[-1])
-                sums[m][i] = (v[:d], v[d : 2 * d])
-        bar.update(min(len(ids), start + cfg.stores_per_compute) - start)
+                if n[m][i] > 0:
+                    mu = v[:d] / n[m][i]
+                    block[m][i - start] = mu
+                    norm[m][i] = float(np.linalg.norm(mu))
+                    spread[m][i] = math.sqrt(max(0.0, float((v[d : 2 * d] / n[m][i] - mu**2).sum())))
+        for m, b in block.items():
+            means[m][start:stop] = b  # one chunk per batch
+        bar.update(stop - start)
     bar.close()
-    out = {}
-    for m in mags:
-        dim = len(next(iter(sums[m].values()))[0]) if sums[m] else 0
-        means = np.full((len(ids), dim), np.nan)
-        spread = np.full(len(ids), np.nan)
-        for i, (s1, s2) in sums[m].items():
-            if n[m][i] > 0:
-                means[i] = s1 / n[m][i]
-                spread[i] = math.sqrt(max(0.0, float((s2 / n[m][i] - means[i] ** 2).sum())))
-        out[m] = MagStats(ids, n[m], means, spread, problems[m])
-    return out
+    return {m: MagStats(ids, n[m], means.get(m), norm[m], spread[m], problems[m]) for m in mags}
 
 
-def pca_scores(means: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (S, k), explained variance ratio (k,)) of the centred slide means, by Dask's
-    randomised SVD (out of core: the (S, D) table is read in row blocks)."""
+def pca_scores(means: Any, rows: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (len(rows), k), explained variance ratio (k,)) of the centred slide means `rows`
+    of the on-disk (S, D) table, by Dask's randomised SVD, out of core (read in row blocks)."""
     import dask.array as da
 
-    s_count, dim = means.shape
-    k = max(1, min(k, s_count - 1, dim))
-    centred = means - means.mean(0)
-    x = da.from_array(centred, chunks=(min(s_count, 1024), dim))
-    u, s, _ = da.linalg.svd_compressed(x, k=k, n_power_iter=4, seed=seed)
-    u, s = (np.asarray(v) for v in da.compute(u, s))
-    total = float((centred**2).sum()) or 1.0
+    x = da.from_zarr(means)[rows].astype(np.float64)  # (S', D)
+    k = max(1, min(k, len(rows) - 1, x.shape[1]))
+    centred = x - x.mean(0)
+    u, s, _ = da.linalg.svd_compressed(centred, k=k, n_power_iter=4, seed=seed)
+    u, s, total = da.compute(u, s, (centred**2).sum())
     sign = np.sign(u[np.abs(u).argmax(0), range(u.shape[1])])  # deterministic sign per component
-    return u * s * sign, s**2 / total
+    return u * s * sign, s**2 / (float(total) or 1.0)
+
+
+def robust_scale(x: np.ndarray) -> np.ndarray:
+    """Columns centred on their median and divided by 1.4826 MAD (their std where MAD is 0): an
+    outlier cannot shrink its own coordinate, as dividing by a std it inflates would."""
+    med = np.median(x, axis=0)
+    mad = 1.4826 * np.median(np.abs(x - med), axis=0)
+    scale = np.where(mad > 0, mad, x.std(0))
+    return (x - med) / np.where(scale > 0, scale, 1.0)
 
 
 def robust_z(d: np.ndarray) -> np.ndarray:
@@ -178,7 +195,7 @@ def batch_effect(x: np.ndarray, sites: np.ndarray, cfg: QCConfig) -> dict[str, A
     score, _, p = permutation_test_score(clf, x, sites, cv=cv, scoring="balanced_accuracy",
                                         n_permutations=cfg.permutations, random_state=cfg.seed, n_jobs=1)
     out.update(score=float(score), p_value=float(p), flagged=bool(p < cfg.batch_alpha),
-               method=f"shrinkage LDA on {x.shape[1]} whitened slide-mean PCs, {cv.n_splits}-fold CV, "
+               method=f"shrinkage LDA on {x.shape[1]} robustly scaled slide-mean PCs, {cv.n_splits}-fold CV, "
                       f"{cfg.permutations} permutations")
     return out
 
@@ -187,9 +204,16 @@ def cohort_qc(rows: list[SlideRow], feature_dirs: dict[str, Path], out_dir: str 
               cfg: QCConfig | None = None) -> dict[str, Any]:
     """Write cohort_features.tsv, cohort_outliers.tsv, cohort_qc.json and cohort_pca.svg to `out_dir`
     (SVG: a `<slide>.png` beside it is a slide's QC picture)."""
+    import tempfile
+
     cfg = cfg or QCConfig()
     out_dir = Path(out_dir)
-    stats = feature_stats(rows, feature_dirs, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".cohort_qc-", dir=out_dir) as scratch:
+        return _cohort_qc(rows, feature_stats(rows, feature_dirs, cfg, scratch), out_dir, cfg)
+
+
+def _cohort_qc(rows: list[SlideRow], stats: dict[str, MagStats], out_dir: Path, cfg: QCConfig) -> dict[str, Any]:
     labels = {r.slide_id: r.label or "" for r in rows}
     sites = {r.slide_id: r.site or "" for r in rows}
     table, listed, pcs, pc_frames = [], [], {}, []
@@ -200,8 +224,8 @@ def cohort_qc(rows: list[SlideRow], feature_dirs: dict[str, Path], out_dir: str 
         z = np.full(len(st.slide_ids), np.nan)
         explained = np.array([])
         if ok.sum() >= 3:
-            sc, explained = pca_scores(st.means[ok], cfg.n_components, cfg.seed)
-            white = sc / (sc.std(0) + 1e-12)
+            sc, explained = pca_scores(st.means, np.flatnonzero(ok), cfg.n_components, cfg.seed)
+            white = robust_scale(sc)
             z[ok] = robust_z(np.linalg.norm(white, axis=1))
             scores[ok, : min(2, sc.shape[1])] = sc[:, :2]
             pc_frames.append(pd.DataFrame(white, index=np.array(st.slide_ids)[ok]).add_prefix(f"{mag}_pc"))
@@ -209,7 +233,7 @@ def cohort_qc(rows: list[SlideRow], feature_dirs: dict[str, Path], out_dir: str 
         for i, sid in enumerate(st.slide_ids):
             n = int(st.n_tiles[i])
             table.append({"slide_id": sid, "label": labels[sid], "site": sites[sid], "mag": mag, "n_tiles": n,
-                          "mean_norm": float(np.linalg.norm(st.means[i])) if n > 0 else math.nan,
+                          "mean_norm": st.mean_norm[i],
                           "spread": st.spread[i], "pc1": scores[i, 0], "pc2": scores[i, 1], "robust_z": z[i]})
             if sid in st.problems:
                 listed.append((sid, mag, "failed store", n, math.nan, st.problems[sid]))

@@ -42,13 +42,13 @@ def test_dask_statistics_are_numpys(tmp_path):
     rows = _cohort(tmp_path, 4, chunk_rows=16)
     f, failed = open_features_dask(tmp_path / f"{rows[0].slide_id}.zarr", ["20x"])["20x"]
     assert f.dtype == np.float16 and f.chunks[0][0] == 16 and failed.dtype == bool  # lazy, chunked as stored
-    stats = feature_stats(rows, {m: tmp_path for m in MAGS}, QCConfig(stores_per_compute=3))
+    stats = feature_stats(rows, {m: tmp_path for m in MAGS}, QCConfig(stores_per_compute=3), tmp_path / "scratch")
     for i, r in enumerate(rows):
         _, sets = read_feature_store(tmp_path / f"{r.slide_id}.zarr")
         for m in MAGS:
             x = sets[m].features.astype(np.float64)[~sets[m].failed]
             assert stats[m].n_tiles[i] == len(x)
-            assert np.allclose(stats[m].means[i], x.mean(0))
+            assert np.allclose(stats[m].means[i], x.mean(0), rtol=1e-5)  # float32 on disk
             assert stats[m].spread[i] == pytest.approx(np.sqrt(((x - x.mean(0)) ** 2).sum(1).mean()))
 
 
