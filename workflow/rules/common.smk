@@ -113,7 +113,8 @@ def get_annotation_input(wildcards):
 def get_tile_slide_args(wildcards):
     """tile_slide's per-slide options: the mpp override and, when the slide has an annotation file
     and include/exclude classes are set, its regions. One param (`mpp`), so a slide without
-    either keeps the provenance recorded before annotations existed (no re-tiling on upgrade)."""
+    either keeps the provenance recorded before annotations existed (no re-tiling on upgrade).
+    """
     args = get_mpp_arg(wildcards)
     files = get_annotation_input(wildcards)
     if files:
