@@ -16,6 +16,9 @@ include: "workflow/rules/tiling.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/training.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/qc.smk"
+include: "workflow/rules/qupath.smk"
+include: "workflow/rules/predict.smk"
 
 
 rule all:
@@ -42,6 +45,22 @@ rule train:
 rule tiles_summary:
     input:
         f"{RESULTS}/tiles/summary.tsv",
+
+
+# Apply a trained run to new slides: snakemake predict --configfile <deploy config>
+rule predict:
+    input:
+        get_predict_outputs,
+
+
+rule feature_qc:
+    input:
+        get_cohort_qc_outputs,
+
+
+rule qupath:
+    input:
+        get_qupath_outputs,
 
 
 onsuccess:

@@ -95,7 +95,7 @@ def json_safe(obj):
     """`obj` with every NaN/inf float as None, so the JSON written is valid (json.dumps would
     write the non-standard `NaN`); nested dicts, lists and numpy scalars are handled."""
     if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     if hasattr(obj, "item") and not isinstance(obj, (str, bytes)) and getattr(obj, "ndim", 0) == 0:
@@ -104,3 +104,9 @@ def json_safe(obj):
         return None
     return obj
 
+
+def write_json(final: str | Path, obj, indent: int | None = 2) -> None:
+    """`obj` as strict JSON (NaN -> null), atomically."""
+    import json
+
+    write_text(final, json.dumps(json_safe(obj), indent=indent))

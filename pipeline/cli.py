@@ -38,8 +38,15 @@ def _tile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slide-id", default=None, help="id recorded in the store (default: file stem)")
     p.add_argument("--qc", default=None, help="QC thumbnail PNG to write")
     p.add_argument("--mask", default=None, help="tissue mask PNG to write")
+    p.add_argument("--annotations", default=None, help="QuPath GeoJSON or ASAP XML of the slide (with --include/--exclude)")
+    p.add_argument("--include", default="", help="comma-separated classes: tile only inside them")
+    p.add_argument("--exclude", default="", help="comma-separated classes: never tile inside them (e.g. pen marks)")
     p.add_argument("--record-failure", action="store_true",
                    help="on a slide error, write a failed store (and placeholder PNGs) and exit 0")
+
+
+def _names(csv: str) -> list[str]:
+    return [v for v in csv.split(",") if v]
 
 
 @command("tile", _tile_args)
@@ -52,7 +59,8 @@ def _tile(args: argparse.Namespace) -> int:
     cfg = TilingConfig.from_dict(block)
     try:
         tile_to_store(args.slide, args.out, cfg, mpp=args.mpp, slide_id=args.slide_id,
-                      qc_png=args.qc, mask_png=args.mask)
+                      qc_png=args.qc, mask_png=args.mask, annotations=args.annotations,
+                      include=_names(args.include), exclude=_names(args.exclude))
     except SlideError as e:
         if not args.record_failure:
             raise
@@ -368,6 +376,129 @@ def _verify(args: argparse.Namespace) -> int:
         print(problem)
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="results folder of the trained run (results/<cohort>)")
+    p.add_argument("--sheet", required=True, help="slide sheet of the new slides (the label column is optional)")
+    p.add_argument("--results", required=True, help="results folder of the new slides (tiles/, features/<encoder>/)")
+    p.add_argument("--out", default=None, help="one subfolder per model (default <results>/predictions/<feature set>)")
+    p.add_argument("--feature-set", default=None, help="the run's models/<feature set> (default: its only one)")
+    p.add_argument("--models", default="", help="comma-separated models (default: every complete one)")
+    p.add_argument("--weights", action="append", default=[], metavar="ENCODER=FILE",
+                   help="where the run's encoder weights are now, if moved (their sha256 is checked)")
+    p.add_argument("--prepare", action="store_true",
+                   help="first tile and extract (with the run's parameters) slides whose stores are missing or differ")
+    p.add_argument("--bootstrap", type=int, default=2000, help="patient-level bootstrap resamples for 95%% CIs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, auto, cuda, ... (models; --prepare's extraction uses auto)")
+    p.add_argument("--heatmap-slides", default="", help="comma-separated slides always drawn")
+    p.add_argument("--heatmap-n", type=int, default=4, help="plus the N most confident, by predicted class in turn")
+    p.add_argument("--summary", default=None, help="also write the per-model summary table (TSV) here")
+
+
+@command("predict", _predict_args)
+def _predict(args: argparse.Namespace) -> int:
+    """Predict new slides with a trained run's fold models (ensemble), checked against its record."""
+    from pipeline.atomic import write_tsv
+    from pipeline.predict import (
+        PredictConfig,
+        predict_cohort,
+        prepare_slides,
+        summarize_predictions,
+    )
+    from pipeline.sheet import read_sheet
+    from pipeline.trained_run import load_trained_run
+
+    weights = {k: v for k, _, v in (w.partition("=") for w in args.weights)}
+    models = [m for m in args.models.split(",") if m]
+    run = load_trained_run(args.run, args.feature_set, models or None, weights)
+    rows = read_sheet(args.sheet, check_files=args.prepare, require_label=False, labels=run.classes)
+    if args.prepare:
+        prepare_slides(run, rows, args.results)
+    cfg = PredictConfig(n_bootstrap=args.bootstrap, seed=args.seed, device=args.device,
+                        heatmap_slides=tuple(s for s in args.heatmap_slides.split(",") if s), heatmap_n=args.heatmap_n)
+    out = Path(args.out or Path(args.results) / "predictions" / run.feature_set)
+    metrics = predict_cohort(run, rows, args.results, out, models or None, cfg)
+    if args.summary:
+        write_tsv(args.summary, summarize_predictions([out / m / "metrics.json" for m in metrics]))
+    if not metrics:
+        raise SheetError(f"trained run {args.run}: none of the models {models} can be used")
+    if not any(m["n_slides"] for m in metrics.values()):
+        raise SheetError(f"{args.sheet}: no slide could be predicted (see {out}/*/refused.tsv)")
+    return 0
+
+
+def _predict_summary_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("metrics", nargs="+", help="metrics.json files written by `predict` (one per model)")
+    p.add_argument("--out", required=True, help="summary table (TSV)")
+
+
+@command("summarize-predictions", _predict_summary_args)
+def _summarize_predictions(args: argparse.Namespace) -> int:
+    """One row per model of a prediction run: slides, refused, metrics with 95% CIs."""
+    from pipeline.atomic import write_tsv
+    from pipeline.predict import summarize_predictions
+
+    table = summarize_predictions(args.metrics)
+    write_tsv(args.out, table)
+    print(table[["model", "slides", "labelled", "refused"] + [c for c in table.columns if c.endswith("_ci95")]].to_string(index=False))
+    return 0
+
+
+def _qupath_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="tile store (<slide_id>.zarr)")
+    p.add_argument("--mask", default=None, help="the tiling stage's mask PNG (tissue outlines)")
+    p.add_argument("--attention", action="append", default=[], metavar="MODEL=NPZ",
+                   help="attention.npz of an evaluation or prediction (repeat; a slide is read from the file holding it)")
+    p.add_argument("--colour-model", default=None, help="model whose attention colours the tiles (default: the first)")
+    p.add_argument("--out", required=True, help="GeoJSON FeatureCollection to write")
+
+
+@command("export-qupath", _qupath_args)
+def _export_qupath(args: argparse.Namespace) -> int:
+    """A slide's tissue, tiles and attention as QuPath GeoJSON (level-0 px; File > Import objects)."""
+    from pipeline.atomic import write_text
+    from pipeline.geojson import export_slide, slide_attention
+    from pipeline.store import store_state
+
+    status, attrs = store_state(args.store)
+    sid = attrs.get("slide_id", Path(args.store).stem)
+    if status != "ok":  # a failed slide: an empty collection, so the cohort goes on
+        write_text(args.out, '{"type":"FeatureCollection","features":[]}')
+        print(f"error: {sid}: tile store {status}: {attrs.get('error', args.store)}; nothing to export", file=sys.stderr)
+        return 0
+    files: dict[str, list[str]] = {}
+    for v in args.attention:
+        model, _, npz = v.partition("=")
+        files.setdefault(model, []).append(npz)
+    attention = {m: a for m, f in files.items() if (a := slide_attention(f, sid))}
+    n = export_slide(args.store, args.out, args.mask, attention, args.colour_model)
+    logging.info("%s: %d objects (attention of %s) -> %s", sid, n, sorted(attention) or "no model", args.out)
+    return 0
+
+
+def _cohort_qc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sheet", required=True, help="slide sheet (TSV; labels and the optional site column colour the PCA)")
+    p.add_argument("--features", action="append", required=True, metavar="MAG=DIR",
+                   help="feature store folder per magnification (repeat)")
+    p.add_argument("--out-dir", required=True, help="folder for cohort_outliers.tsv, cohort_features.tsv, cohort_qc.json, cohort_pca.svg")
+    p.add_argument("--min-tiles", type=int, default=16, help="fewer usable tiles: listed as 'few tiles'")
+    p.add_argument("--outlier-z", type=float, default=3.5, help="robust z-score of a slide's distance to the cohort mean")
+    p.add_argument("--workers", type=int, default=1, help="Dask threads")
+
+
+@command("cohort-qc", _cohort_qc_args)
+def _cohort_qc(args: argparse.Namespace) -> int:
+    """Cohort feature QC (Dask): slide means and spread, PCA, outlier slides, batch-effect score."""
+    from pipeline.cohort_qc import QCConfig, cohort_qc
+    from pipeline.sheet import read_sheet
+
+    rows = read_sheet(args.sheet, check_files=False, require_label=False)
+    cfg = QCConfig(min_tiles=args.min_tiles, outlier_z=args.outlier_z, workers=args.workers)
+    s = cohort_qc(rows, _features_arg(args.features), args.out_dir, cfg)
+    logging.info("cohort QC: %d slides, %d listed (%d outliers) -> %s", s["slides"], s["listed"], s["outliers"], args.out_dir)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,10 @@
 """The slide sheet (TSV): read, normalise and validate it before any work starts.
 
-Columns: `slide_id`, `path`, `label`, `patient_id`, optional `mpp` (µm/px override) and
-`split` (`train` / `test`, e.g. CAMELYON16's official test set). Relative paths are relative
-to the sheet's folder. Every problem is reported with its row number.
+Columns: `slide_id`, `path`, `label`, `patient_id`, optional `mpp` (µm/px override), `split`
+(`train` / `test`, e.g. CAMELYON16's official test set), `site` (hospital / scanner, for the
+cohort QC's batch-effect score) and `annotations` (a QuPath GeoJSON or ASAP XML file of the
+slide). Relative paths are relative to the sheet's folder. Every problem is reported with its
+row number. `label` may be left out (column or cells) for prediction: `require_label=False`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from pipeline.errors import SheetError
 
 REQUIRED = ("slide_id", "path", "label", "patient_id")
-OPTIONAL = ("mpp", "split")
+OPTIONAL = ("mpp", "split", "site", "annotations")
 SPLITS = ("train", "test")
 _EXTRA = "\0extra"  # DictReader key of cells beyond the header
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -27,10 +29,12 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 class SlideRow:
     slide_id: str
     path: Path  # absolute
-    label: str
+    label: str | None  # None only in a sheet read with require_label=False (prediction)
     patient_id: str
     mpp: float | None = None
     split: str | None = None
+    site: str | None = None  # hospital / scanner / batch (cohort QC)
+    annotations: Path | None = None  # absolute path of the slide's annotation file
 
 
 def _cell(v: str | None) -> str:
@@ -38,8 +42,12 @@ def _cell(v: str | None) -> str:
 
 
 def parse_sheet(text: str, base: Path, check_files: bool = True, allowed_roots: list[Path] | None = None,
-                labels: list[str] | None = None) -> list[SlideRow]:
-    """Rows of a sheet given as text; `base` resolves relative paths. Raises SheetError naming the row."""
+                labels: list[str] | None = None, require_label: bool = True) -> list[SlideRow]:
+    """Rows of a sheet given as text; `base` resolves relative paths. Raises SheetError naming the row.
+
+    `require_label=False` (prediction on new slides): the `label` column and its cells may be
+    empty; a given label is still checked against `labels`.
+    """
     text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     reader = csv.DictReader(io.StringIO(text), delimiter="\t", restkey=_EXTRA)
     header = [_cell(h) for h in (reader.fieldnames or [])]
@@ -47,7 +55,8 @@ def parse_sheet(text: str, base: Path, check_files: bool = True, allowed_roots: 
     dup = sorted({c for c in header if c and header.count(c) > 1})
     if dup:
         raise SheetError(f"slide sheet: column(s) {dup} appear more than once in the header")
-    missing = [c for c in REQUIRED if c not in header]
+    required = REQUIRED if require_label else tuple(c for c in REQUIRED if c != "label")
+    missing = [c for c in required if c not in header]
     if missing:
         raise SheetError(f"slide sheet: missing column(s) {missing}; found {header}")
     unknown = [c for c in header if c and c not in REQUIRED + OPTIONAL]
@@ -71,7 +80,7 @@ def parse_sheet(text: str, base: Path, check_files: bool = True, allowed_roots: 
         if sid in seen:
             raise SheetError(f"{where}: duplicate slide_id {sid!r} (first on row {seen[sid]})")
         seen[sid] = n
-        for col in REQUIRED:
+        for col in required:
             if not rec.get(col):
                 raise SheetError(f"{where} ({sid}): empty {col}")
         path = Path(rec["path"]).expanduser()
@@ -80,7 +89,8 @@ def parse_sheet(text: str, base: Path, check_files: bool = True, allowed_roots: 
             raise SheetError(f"{where} ({sid}): path {path} is outside the allowed roots {[str(r) for r in roots]}")
         if check_files and not path.exists():
             raise SheetError(f"{where} ({sid}): file not found: {path}")
-        if labels is not None and rec["label"] not in labels:
+        label = rec.get("label") or None
+        if labels is not None and label is not None and label not in labels:
             raise SheetError(f"{where} ({sid}): label {rec['label']!r} is not one of {labels}")
         mpp = None
         if rec.get("mpp"):
@@ -93,7 +103,13 @@ def parse_sheet(text: str, base: Path, check_files: bool = True, allowed_roots: 
         split = rec.get("split") or None
         if split is not None and split not in SPLITS:
             raise SheetError(f"{where} ({sid}): split {split!r} must be one of {list(SPLITS)} or empty")
-        rows.append(SlideRow(sid, path, rec["label"], rec["patient_id"], mpp, split))
+        annotations = None
+        if rec.get("annotations"):
+            annotations = Path(rec["annotations"]).expanduser()
+            annotations = (annotations if annotations.is_absolute() else base / annotations).resolve()
+            if check_files and not annotations.is_file():
+                raise SheetError(f"{where} ({sid}): annotation file not found: {annotations}")
+        rows.append(SlideRow(sid, path, label, rec["patient_id"], mpp, split, rec.get("site") or None, annotations))
     if not rows:
         raise SheetError("slide sheet: no slides")
     return rows

@@ -413,6 +413,23 @@ def nonfinite_rows(features: np.ndarray) -> np.ndarray:
     return ~np.isfinite(features).reshape(len(features), -1).all(axis=1)
 
 
+def open_features_dask(path: str | Path, mags: list[str] | None = None) -> dict[str, tuple[Any, Any]]:
+    """mag -> (features (N, D) float16, failed (N,) bool) of a finished feature store as lazy Dask
+    arrays, chunked as stored (along N): nothing is read until computed. Default: every magnification."""
+    import dask.array as da
+
+    path = Path(path)
+    attrs = _require_ok(path, "features")
+    missing = [m for m in mags or [] if m not in attrs["magnifications"]]
+    if missing:
+        raise SlideError(attrs.get("slide_id", path.stem), f"{path} has no {', '.join(missing)} features")
+    root = zarr.open_group(str(path), mode="r")
+    tag = f"{path.resolve()}:{attrs.get('tiles_sha256', '')}"  # names the graph keys (no hashing of the arrays)
+    return {m: (da.from_zarr(root[f"{m}/features"], name=f"features-{tag}-{m}"),
+                da.from_zarr(root[f"{m}/failed"], name=f"failed-{tag}-{m}"))
+            for m in mags or attrs["magnifications"]}
+
+
 # --------------------------------------------------------------------------- read-only inspection (verify)
 
 

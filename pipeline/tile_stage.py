@@ -21,13 +21,29 @@ log = logging.getLogger(__name__)
 
 def tile_to_store(slide_path: str | Path, out: str | Path, cfg: TilingConfig, mpp: float | None = None,
                   slide_id: str | None = None, qc_png: str | Path | None = None,
-                  mask_png: str | Path | None = None) -> dict[str, int]:
-    """Tile one slide into `out`; returns the tile count per magnification. Raises SlideError."""
+                  mask_png: str | Path | None = None, annotations: str | Path | None = None,
+                  include: list[str] | None = None, exclude: list[str] | None = None) -> dict[str, int]:
+    """Tile one slide into `out`; returns the tile count per magnification. Raises SlideError.
+
+    `annotations` (QuPath GeoJSON or ASAP XML) with `include` / `exclude` class names restricts
+    the tissue mask: tiles only inside the include classes, never inside the exclude ones.
+    """
     slide_path = Path(slide_path)
     slide_id = slide_id or slide_path.stem
+    restrict, provenance = None, None
     with open_slide(slide_path, mpp=mpp) as slide:
         info = slide.info
-        res = tile_slide(slide, cfg)
+        if annotations and (include or exclude):
+            from pipeline.annotations import AnnotationError, mask_restriction, read_annotations
+
+            try:
+                ann = read_annotations(annotations, (info.width, info.height))
+            except AnnotationError as e:
+                raise SlideError(slide_id, str(e)) from e
+            restrict = mask_restriction(ann, include or [], exclude or [], where=str(annotations))
+            provenance = {"file": str(Path(annotations).resolve()), "fingerprint": fingerprint(annotations),
+                          "include": list(include or []), "exclude": list(exclude or []), "classes": sorted(ann)}
+        res = tile_slide(slide, cfg, restrict)
     counts = {name: len(ts) for name, ts in res.tiles.items()}
     if not any(counts.values()):
         log.warning("%s: no tissue found; writing an empty store", slide_id)
@@ -47,6 +63,7 @@ def tile_to_store(slide_path: str | Path, out: str | Path, cfg: TilingConfig, mp
         "mask_mpp": res.mask_mpp,
         "tile_px_level0": {name: res.grid.finest_px * 2**i for i, name in enumerate(res.tiles)},
         "region_grid": [res.grid.region_rows, res.grid.region_cols],
+        "annotations": provenance,  # the include / exclude regions that restricted the mask, if any
     }
     # The pictures are drawn and encoded (OpenCV, GIL released) while Zarr writes the store.
     with ThreadPoolExecutor(1) as pool:

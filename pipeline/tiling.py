@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -221,8 +222,13 @@ def read_mask_inputs(slide: Slide, mask_mpp: float, max_read_pixels: int) -> tup
     return sat, qc, k
 
 
-def tile_slide(slide: Slide, cfg: TilingConfig) -> TilingResult:
-    """Mask tissue and tile the slide at every configured magnification (one slide read)."""
+def tile_slide(slide: Slide, cfg: TilingConfig,
+               restrict: Callable[[np.ndarray, float], np.ndarray] | None = None) -> TilingResult:
+    """Mask tissue and tile the slide at every configured magnification (one slide read).
+
+    `restrict(mask, level-0 px per mask px) -> mask`, when given, edits the tissue mask before
+    tiling (annotated include / exclude regions, :func:`pipeline.annotations.mask_restriction`).
+    """
     from pipeline.tissue import tissue_mask_from_saturation
 
     check_targets(slide, cfg)
@@ -231,6 +237,8 @@ def tile_slide(slide: Slide, cfg: TilingConfig) -> TilingResult:
     sat, thumb, k = read_mask_inputs(slide, mask_mpp, cfg.max_read_pixels)
     mask = tissue_mask_from_saturation(sat, mask_mpp, cfg.saturation_floor, cfg.min_component_um2, cfg.max_hole_um2)
     del sat
+    if restrict is not None:
+        mask = restrict(mask, mask_mpp / info.mpp)
     grid = make_grid(info.width, info.height, info.mpp, cfg)
     tiles = tile_grid(mask, mask_mpp / info.mpp, grid, cfg)
     return TilingResult(tiles=tiles, mask=mask, thumbnail=thumb, mask_mpp=mask_mpp, grid=grid, thumb_mpp=mask_mpp * k)

@@ -1,6 +1,7 @@
 import functools
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,6 +25,28 @@ COHORT = config["cohort"]
 RESULTS = f"results/{COHORT}"
 LOGS = f"logs/{COHORT}"
 BENCH = f"benchmarks/{COHORT}"
+
+# A deploy config (predict.run set) applies a trained run to this cohort: its slides are tiled
+# and extracted with the run's RECORDED tiling parameters, encoders and weights (read from its
+# stores, checkpoints and manifest), whatever the tiling/features blocks say.
+PREDICT_RUN = config["predict"]["run"]
+RUN = None
+if PREDICT_RUN:
+    from pipeline.trained_run import load_trained_run
+
+    if Path(PREDICT_RUN).resolve() == Path(RESULTS).resolve():
+        raise ValueError(
+            f"predict.run {PREDICT_RUN} is this cohort's own results folder; give the deploy cohort another name"
+        )
+    RUN = load_trained_run(
+        PREDICT_RUN,
+        config["predict"]["feature_set"],
+        config["predict"]["models"] or None,
+        config["predict"]["weights"],
+    )
+    config["tiling"] = RUN.tiling
+    config["features"]["encoders"] = dict(RUN.encoders)
+    config["features"]["weights"] = dict(RUN.weights)
 
 
 wildcard_constraints:
@@ -57,6 +80,8 @@ def _load_sheet(path):
     rows = read_sheet(
         config["slides"],
         allowed_roots=[Path(r) for r in config["allowed_roots"]] or None,
+        require_label=RUN is None,  # a deploy cohort's sheet may have no labels
+        labels=RUN.classes if RUN is not None else None,
     )
     sheet = pd.DataFrame(
         [
@@ -67,6 +92,8 @@ def _load_sheet(path):
                 "patient_id": r.patient_id,
                 "mpp": r.mpp,
                 "split": r.split,
+                "site": r.site,
+                "annotations": str(r.annotations) if r.annotations else None,
             }
             for r in rows
         ]
@@ -101,6 +128,33 @@ def get_mpp_arg(wildcards):
 
 def tiling_json():
     return json.dumps(config["tiling"])
+
+
+def get_annotation_input(wildcards):
+    """The slide's annotation file when include/exclude classes restrict tiling, else nothing."""
+    ann = config["annotations"]
+    path = get_sheet().loc[wildcards.slide, "annotations"]
+    return (
+        [path]
+        if path and not pd.isna(path) and (ann["include"] or ann["exclude"])
+        else []
+    )
+
+
+def get_tile_slide_args(wildcards):
+    """tile_slide's per-slide options: the mpp override and, when the slide has an annotation file
+    and include/exclude classes are set, its regions. One param (`mpp`), so a slide without
+    either keeps the provenance recorded before annotations existed (no re-tiling on upgrade).
+    """
+    args = get_mpp_arg(wildcards)
+    files = get_annotation_input(wildcards)
+    if files:
+        ann = config["annotations"]
+        args += (
+            f" --annotations {shlex.quote(files[0])} --include {shlex.quote(','.join(ann['include']))}"
+            f" --exclude {shlex.quote(','.join(ann['exclude']))}"
+        )
+    return args.strip()
 
 
 def get_tile_stores(wildcards=None):
@@ -175,12 +229,83 @@ def get_feature_stores(wildcards=None):
 
 
 def get_final_output(wildcards=None):
+    """Everything of a training run; for a deploy config (predict.run), its predictions."""
+    if RUN is not None:
+        return get_predict_outputs()
     return (
         get_tile_outputs()
         + [f"{RESULTS}/tiles/summary.tsv"]
         + get_feature_stores()
         + get_training_outputs()
         + [f"{RESULTS}/failed_slides.tsv", f"{METRICS}/manifest.json"]
+        + get_cohort_qc_outputs()
+        + get_qupath_outputs()
+    )
+
+
+PREDICTIONS = f"{RESULTS}/predictions/{RUN.feature_set if RUN else FEATURESET}"
+
+
+def get_predict_models(wildcards=None):
+    if RUN is None:
+        raise ValueError(
+            "the predict target needs a deploy config naming a trained run (predict.run), "
+            "e.g. snakemake predict --configfile cohorts/demo_deploy.yaml"
+        )
+    return sorted(RUN.models)
+
+
+def get_run_checkpoints(wildcards):
+    """The trained run's fold checkpoints of one model (inputs: a new fold model reruns prediction)."""
+    return [str(p) for p in RUN.models[wildcards.model]]
+
+
+def get_predict_weights_args(wildcards=None):
+    return " ".join(
+        f"--weights {shlex.quote(f'{n}={w}')}"
+        for n, w in config["predict"]["weights"].items()
+        if w
+    )
+
+
+def get_predict_outputs(wildcards=None):
+    models = get_predict_models()
+    return (
+        expand(f"{PREDICTIONS}/{{model}}/predictions.csv", model=models)
+        + expand(f"{PREDICTIONS}/{{model}}/heatmaps", model=models)
+        + [f"{PREDICTIONS}/summary.tsv", f"{RESULTS}/failed_slides.tsv"]
+        + get_cohort_qc_outputs()
+        + get_qupath_outputs()
+    )
+
+
+def get_cohort_qc_outputs(wildcards=None):
+    return [f"{RESULTS}/qc/cohort_outliers.tsv", f"{RESULTS}/qc/cohort_pca.svg"]
+
+
+def get_qupath_outputs(wildcards=None):
+    if not config["qupath"]["export"]:
+        return []
+    return expand(f"{RESULTS}/qupath/{{slide}}.geojson", slide=get_sheet().index)
+
+
+def get_attention_files(wildcards=None):
+    """attention.npz of every model: the evaluation folds (training) or the predictions (deploy)."""
+    if RUN is not None:
+        return expand(
+            f"{PREDICTIONS}/{{model}}/attention.npz", model=sorted(RUN.models)
+        )
+    return expand(
+        f"{MODELS}/{{model}}/{{fold}}/attention.npz",
+        model=config["models"],
+        fold=get_fold_names(),
+    )
+
+
+def get_attention_args(wildcards=None):
+    return " ".join(
+        f"--attention {shlex.quote(f'{Path(f).parts[-3 if RUN is None else -2]}={f}')}"
+        for f in get_attention_files()
     )
 
 
@@ -275,8 +400,22 @@ def get_training_outputs(wildcards=None):
 
 def print_run_summary():
     """After a successful run: the metrics table, failed slides, and how to build the report."""
+    predicted = Path(f"{PREDICTIONS}/summary.tsv")
+    if RUN is not None and predicted.exists():
+        table = pd.read_csv(predicted, sep="\t", keep_default_na=False)
+        cols = [
+            "model",
+            "slides",
+            "labelled",
+            "refused",
+            "auc_ci95",
+            "balanced_acc_ci95",
+        ]
+        print(
+            f"\nPredictions of {RUN.root} ({predicted}):\n{table[cols].to_string(index=False)}"
+        )
     summary = Path(f"{METRICS}/summary.tsv")
-    if summary.exists():
+    if RUN is None and summary.exists():
         table = pd.read_csv(summary, sep="\t")
         cols = ["model", "auc", "acc", "balanced_acc", "f1"] + [
             c for c in table.columns if c.startswith(("p_", "test_"))

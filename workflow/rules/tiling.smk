@@ -1,6 +1,7 @@
 rule tile_slide:
     input:
         slide=get_slide_path,
+        annotations=get_annotation_input,
     output:
         store=directory(f"{RESULTS}/tiles/{{slide}}.zarr"),
         qc=report(
@@ -21,7 +22,7 @@ rule tile_slide:
         mem_mb=2000,
         runtime=30,
     params:
-        mpp=get_mpp_arg,
+        mpp=get_tile_slide_args,
         tiling=tiling_json(),
         code=code_fingerprint("tile"),
     shell:

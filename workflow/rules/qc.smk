@@ -1,0 +1,34 @@
+rule cohort_qc:
+    input:
+        sheet=get_sheet_path,
+        features=get_feature_stores,
+    output:
+        outliers=report(
+            f"{RESULTS}/qc/cohort_outliers.tsv",
+            caption="../report/cohort_qc.rst",
+            category="Cohort QC",
+        ),
+        table=f"{RESULTS}/qc/cohort_features.tsv",
+        summary=f"{RESULTS}/qc/cohort_qc.json",
+        figure=report(
+            f"{RESULTS}/qc/cohort_pca.svg",
+            caption="../report/cohort_qc.rst",
+            category="Cohort QC",
+        ),
+    log:
+        f"{LOGS}/cohort_qc.log",
+    conda:
+        "../../envs/training.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    params:
+        features=feature_args(),
+        min_tiles=config["qc"]["min_tiles"],
+        outlier_z=config["qc"]["outlier_z"],
+        version=PIPELINE_VERSION,
+    shell:
+        "python -m pipeline cohort-qc --sheet {input.sheet:q} {params.features} "
+        "--out-dir $(dirname {output.outliers:q}) --min-tiles {params.min_tiles} "
+        "--outlier-z {params.outlier_z} --workers {threads} > {log} 2>&1"
