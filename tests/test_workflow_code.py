@@ -47,7 +47,8 @@ def test_config_strings_with_quotes_reach_commands_intact(tmp_path):
     cohort = tmp_path / "o'brien lab"
     cohort.mkdir()
     slide = shared_slide("CMU-1-Small-Region.svs")
-    write_cohort(cohort, [("cmu", slide, "tumor"), ("cmu2", slide, "normal")],
+    write_cohort(cohort, [("cmu", slide, "tumor"), ("cmu2", slide, "normal"), ("cmu3", slide, "tumor"),
+                          ("cmu4", slide, "normal")],  # two patients per class for two folds
                  "splits: {folds: 2}\nmodels: [abmil_3]\nheatmaps: {model: abmil_3, slides: [cmu]}\n")
     r = subprocess.run(snakemake_cmd(cohort, "-n", "-p"), capture_output=True, text=True, cwd=cohort, env=venv_env())
     assert r.returncode == 0, r.stderr[-3000:]
@@ -69,8 +70,9 @@ def test_snakemake_process_never_imports_torch(tmp_path):
     """Parsing the workflow and planning every job (weights hashed included) leaves torch unloaded."""
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"not really weights")
-    write_cohort(tmp_path, [("cmu", shared_slide("CMU-1-Small-Region.svs"), "tumor")],
-                 f"features: {{weights: {{resnet18_simclr: {weights}}}}}\n")
+    slide = shared_slide("CMU-1-Small-Region.svs")
+    write_cohort(tmp_path, [(f"cmu{i}", slide, ("tumor", "normal")[i % 2]) for i in range(4)],
+                 f"splits: {{folds: 2}}\nfeatures: {{weights: {{resnet18_simclr: {weights}}}}}\n")
     argv = snakemake_cmd(tmp_path, "-n", "-p")[3:]  # drop `python -m snakemake`
     code = ("import sys\nfrom snakemake.cli import main\n"
             f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    rc = e.code\n"

@@ -1,7 +1,6 @@
 import functools
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -150,11 +149,9 @@ def get_tile_slide_args(wildcards):
     files = get_annotation_input(wildcards)
     if files:
         ann = config["annotations"]
-        args += (
-            f" --annotations {shlex.quote(files[0])} --include {shlex.quote(','.join(ann['include']))}"
-            f" --exclude {shlex.quote(','.join(ann['exclude']))}"
-        )
-    return args.strip()
+        args += ["--annotations", files[0], "--include", ",".join(ann["include"])]
+        args += ["--exclude", ",".join(ann["exclude"])]
+    return args  # a list: quote it with :q
 
 
 def get_tile_stores(wildcards=None):
@@ -261,11 +258,13 @@ def get_run_checkpoints(wildcards):
 
 
 def get_predict_weights_args(wildcards=None):
-    return " ".join(
-        f"--weights {shlex.quote(f'{n}={w}')}"
+    """`--weights NAME=FILE` per moved weights file (a list: quote it with :q)."""
+    return [
+        a
         for n, w in config["predict"]["weights"].items()
         if w
-    )
+        for a in ("--weights", f"{n}={w}")
+    ]
 
 
 def get_predict_outputs(wildcards=None):
@@ -277,6 +276,12 @@ def get_predict_outputs(wildcards=None):
         + get_cohort_qc_outputs()
         + get_qupath_outputs()
     )
+
+
+def get_predict_heatmap_slides_args(wildcards=None):
+    """`--heatmap-slides A,B` when slides are named (a list: quote it with :q)."""
+    slides = config["predict"]["heatmaps"]["slides"]
+    return ["--heatmap-slides", ",".join(slides)] if slides else []
 
 
 def get_cohort_qc_outputs(wildcards=None):
@@ -303,10 +308,12 @@ def get_attention_files(wildcards=None):
 
 
 def get_attention_args(wildcards=None):
-    return " ".join(
-        f"--attention {shlex.quote(f'{Path(f).parts[-3 if RUN is None else -2]}={f}')}"
+    """`--attention MODEL=FILE` per attention.npz (a list: quote it with :q)."""
+    return [
+        a
         for f in get_attention_files()
-    )
+        for a in ("--attention", f"{Path(f).parts[-3 if RUN is None else -2]}={f}")
+    ]
 
 
 def get_fold_names(wildcards=None):

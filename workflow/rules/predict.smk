@@ -47,14 +47,15 @@ if RUN is not None:
             weights=get_predict_weights_args,
             bootstrap=config["predict"]["bootstrap"],
             seed=config["predict"]["seed"],
-            slides=",".join(config["predict"]["heatmaps"]["slides"]),
+            slides=get_predict_heatmap_slides_args,
             n=config["predict"]["heatmaps"]["n_auto"],
-            version=PIPELINE_VERSION,
+            code=code_fingerprint("predict"),
         shell:
             "OMP_NUM_THREADS={threads} python -m pipeline predict --run {params.run:q} "
-            "--feature-set {params.feature_set} --models {wildcards.model} --sheet {input.sheet:q} "
-            "--results {params.results:q} --out {params.out:q} {params.weights} --bootstrap {params.bootstrap} "
-            "--seed {params.seed} --heatmap-slides '{params.slides}' --heatmap-n {params.n} > {log} 2>&1"
+            "--feature-set {params.feature_set:q} --models {wildcards.model:q} --sheet {input.sheet:q} "
+            "--results {params.results:q} --out {params.out:q} {params.weights:q} "
+            "--bootstrap {params.bootstrap:q} --seed {params.seed:q} {params.slides:q} "
+            "--heatmap-n {params.n:q} > {log:q} 2>&1"
 
     rule summarize_predictions:
         input:
@@ -73,5 +74,7 @@ if RUN is not None:
         resources:
             mem_mb=1000,
             runtime=10,
+        params:
+            code=code_fingerprint("summarize-predictions"),
         shell:
-            "python -m pipeline summarize-predictions {input:q} --out {output:q} > {log} 2>&1"
+            "python -m pipeline summarize-predictions {input:q} --out {output:q} > {log:q} 2>&1"

@@ -27,8 +27,9 @@ rule cohort_qc:
         features=feature_args(),
         min_tiles=config["qc"]["min_tiles"],
         outlier_z=config["qc"]["outlier_z"],
-        version=PIPELINE_VERSION,
+        out_dir=subpath(output.outliers, parent=True),
+        code=code_fingerprint("cohort-qc"),
     shell:
-        "python -m pipeline cohort-qc --sheet {input.sheet:q} {params.features} "
-        "--out-dir $(dirname {output.outliers:q}) --min-tiles {params.min_tiles} "
-        "--outlier-z {params.outlier_z} --workers {threads} > {log} 2>&1"
+        "python -m pipeline cohort-qc --sheet {input.sheet:q} {params.features:q} "
+        "--out-dir {params.out_dir:q} --min-tiles {params.min_tiles:q} "
+        "--outlier-z {params.outlier_z:q} --workers {threads} > {log:q} 2>&1"

@@ -16,7 +16,7 @@ rule export_qupath:
     params:
         attention=get_attention_args,
         colour_model=config["heatmaps"]["model"],
-        version=PIPELINE_VERSION,
+        code=code_fingerprint("export-qupath"),
     shell:
-        "python -m pipeline export-qupath {input.store:q} --mask {input.mask:q} {params.attention} "
-        "--colour-model {params.colour_model} --out {output:q} > {log} 2>&1"
+        "python -m pipeline export-qupath {input.store:q} --mask {input.mask:q} {params.attention:q} "
+        "--colour-model {params.colour_model:q} --out {output:q} > {log:q} 2>&1"
