@@ -64,10 +64,19 @@ def make_batch(dim: int, n_groups: int, seed: int = 0) -> dict:
         t: torch.arange(n_regions).repeat_interleave(n // n_regions) for t, n in TILES.items()
     }
     groups = assign_groups(regions["20x"], regions, n_groups)
+    side = int(n_regions**0.5)  # regions on a 25 x 25 grid; a region is 4 x 4 tiles at 20x, 2 x 2 at 10x
+    xy = {}
+    for t, n in TILES.items():
+        k = int((n // n_regions) ** 0.5)  # tiles per region side
+        i = torch.arange(n)
+        r, j = regions[t], i % (k * k)
+        col, row = (r % side) * k + j % k, (r // side) * k + j // k
+        xy[t] = ((torch.stack([col, row], 1).float() + 0.5) * (4 // k)).unsqueeze(0)  # (1, N, 2) centres, 20x-tile units
     return {
         "feats": {t: torch.randn(1, n, dim, generator=gen).half() for t, n in TILES.items()},  # as stored
         "mask": {t: torch.ones(1, n, dtype=torch.bool) for t, n in TILES.items()},
         "group": {t: groups[t].unsqueeze(0) for t in TILES},
+        "xy": xy,
     }
 
 

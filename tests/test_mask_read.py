@@ -43,7 +43,7 @@ def test_mask_resolution_is_one_pyramid_level(mpp, downsamples, size, cfg, want)
 
 def test_tile_slide_reads_one_level_once(tmp_path, monkeypatch):
     """The mask and the QC picture come from a single read of one level: no pixel decoded twice."""
-    path = write_tiff(tmp_path / "pyr.tif", tissue_image(2048, 1536, seed=3, blobs=5), mpp=0.5, levels=4)
+    path = write_tiff(tmp_path / "pyr.tif", tissue_image(4096, 3072, seed=3, blobs=5), mpp=0.5, levels=4)
     reads = []
     with open_slide(path) as s:
         real = type(s)._read_level
@@ -53,7 +53,7 @@ def test_tile_slide_reads_one_level_once(tmp_path, monkeypatch):
             return real(self, level, x, y, w, h)
 
         monkeypatch.setattr(type(s), "_read_level", spy)
-        res = tile_slide(s, TilingConfig(max_read_pixels=10_000))  # 100-px blocks
+        res = tile_slide(s, TilingConfig(max_read_pixels=65_536))  # 256-px blocks of a 512 x 384 level
         level = s.info.level_downsamples.index(8.0)  # 4 µm/px: the coarsest level not above 16 µm/px
         lw, lh = s.info.level_dimensions[level]
     assert res.mask_mpp == pytest.approx(4.0) and res.mask.shape == (lh, lw)
