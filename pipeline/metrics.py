@@ -45,19 +45,37 @@ def classification_metrics(y: np.ndarray, prob: np.ndarray, classes: list[str]) 
     }
 
 
-def _binary_metrics(y: np.ndarray, p1: np.ndarray) -> tuple[float, float, float, float]:
-    """(auc, acc, balanced_acc, f1) of binary labels y and positive-class probabilities p1, as
-    :func:`classification_metrics` computes them (tested equal), in plain numpy: the bootstrap
-    calls it thousands of times."""
-    pos = y == 1
-    m, n = int(pos.sum()), int((~pos).sum())
-    auc = ((stats.rankdata(p1)[pos].sum() - m * (m + 1) / 2) / (m * n)) if m and n else np.nan
-    pred = p1 > 0.5  # argmax of two probabilities; a tie (0.5) goes to class 0, as argmax does
-    tp, tn = int((pred & pos).sum()), int((~pred & ~pos).sum())
-    fp, fn = n - tn, m - tp
-    recalls = [r for r in (tp / m if m else None, tn / n if n else None) if r is not None]
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    return auc, (tp + tn) / len(y), float(np.mean(recalls)), f1
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    """Binary ROC AUC by the rank-sum (Mann-Whitney) identity, ties averaged: sklearn's value."""
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return np.nan
+    return float((stats.rankdata(score)[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def fast_metrics(y: np.ndarray, prob: np.ndarray, n_classes: int) -> dict[str, float]:
+    """:func:`classification_metrics` in plain numpy (same values, tested), ~100x faster: a
+    bootstrap evaluates it thousands of times."""
+    pred = prob.argmax(1)
+    if n_classes == 2:
+        auc = _auc(y == 1, prob[:, 1])
+    else:
+        present = np.bincount(y, minlength=n_classes) > 0
+        auc = float(np.mean([_auc(y == c, prob[:, c]) for c in range(n_classes)])) if present.all() else np.nan
+    labels = np.union1d(y, pred)
+    tp = np.array([np.sum((y == c) & (pred == c)) for c in labels], dtype=float)
+    true = np.array([np.sum(y == c) for c in labels], dtype=float)
+    called = np.array([np.sum(pred == c) for c in labels], dtype=float)
+    recall = tp[true > 0] / true[true > 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1s = np.where(true + called > 0, 2 * tp / (true + called), 0.0)
+    if n_classes == 2:
+        i = np.flatnonzero(labels == 1)
+        f1 = float(f1s[i[0]]) if len(i) else 0.0
+    else:
+        f1 = float(f1s.mean())
+    return {"auc": auc, "acc": float(np.mean(pred == y)), "balanced_acc": float(recall.mean()), "f1": f1}
 
 
 def _load_predictions(metric_files: list[Path]) -> pd.DataFrame:
@@ -99,11 +117,8 @@ class _ModelPredictions:
             r = rows[self.fold[rows] == f]
             if not len(r):
                 continue
-            if len(self.classes) == 2:
-                out.append(_binary_metrics(self.y[r], self.prob[r, 1]))
-            else:
-                m = classification_metrics(self.y[r], self.prob[r], self.classes)
-                out.append(tuple(m[k] for k in METRICS))
+            m = fast_metrics(self.y[r], self.prob[r], len(self.classes))
+            out.append(tuple(m[k] for k in METRICS))
         return np.mean(out, axis=0) if out else np.full(len(METRICS), np.nan)
 
     def ci(self, n_resamples: int, seed: int = 0) -> dict[str, tuple[float, float]]:

@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.atomic import atomic_path, write_json, write_tsv
-from pipeline.metrics import METRICS, classification_metrics
+from pipeline.metrics import METRICS, classification_metrics, fast_metrics
 from pipeline.sheet import SlideRow
+from pipeline.stats import patient_bootstrap
 from pipeline.store import read_attrs, store_state
 from pipeline.trained_run import TrainedRun, feature_mismatch, tiling_mismatch
 
@@ -89,60 +90,19 @@ def check_slide(run: TrainedRun, slide_id: str, feature_dirs: dict[str, Path],
 # --------------------------------------------------------------------------- statistics
 
 
-def _auc(y: np.ndarray, score: np.ndarray) -> float:
-    """Binary ROC AUC by the rank-sum (Mann-Whitney) identity, ties averaged: sklearn's value."""
-    from scipy.stats import rankdata
-
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    return float((rankdata(score)[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def fast_metrics(y: np.ndarray, prob: np.ndarray, n_classes: int) -> dict[str, float]:
-    """:func:`pipeline.metrics.classification_metrics` in plain numpy (same values, tested), ~100x
-    faster: a bootstrap evaluates it thousands of times."""
-    pred = prob.argmax(1)
-    if n_classes == 2:
-        auc = _auc(y == 1, prob[:, 1])
-    else:
-        present = np.bincount(y, minlength=n_classes) > 0
-        auc = float(np.mean([_auc(y == c, prob[:, c]) for c in range(n_classes)])) if present.all() else math.nan
-    labels = np.union1d(y, pred)
-    tp = np.array([np.sum((y == c) & (pred == c)) for c in labels], dtype=float)
-    true = np.array([np.sum(y == c) for c in labels], dtype=float)
-    called = np.array([np.sum(pred == c) for c in labels], dtype=float)
-    recall = tp[true > 0] / true[true > 0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1s = np.where(true + called > 0, 2 * tp / (true + called), 0.0)
-    if n_classes == 2:
-        i = np.flatnonzero(labels == 1)
-        f1 = float(f1s[i[0]]) if len(i) else 0.0
-    else:
-        f1 = float(f1s.mean())
-    return {"auc": auc, "acc": float(np.mean(pred == y)), "balanced_acc": float(recall.mean()), "f1": f1}
-
-
 def bootstrap_ci(y: np.ndarray, prob: np.ndarray, patients: np.ndarray, classes: list[str],
                  n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
     """Percentile CIs of :data:`pipeline.metrics.METRICS`, resampling PATIENTS with replacement
-    (all slides of a drawn patient, as often as it is drawn). A resample with one class only has
-    no AUC and is skipped for it; a CI needs at least 100 usable resamples, else NaN."""
+    (:func:`pipeline.stats.patient_bootstrap`). A resample with one class only has no AUC and is
+    skipped for it; a metric undefined on more than half of the resamples has no CI (NaN)."""
     y = np.asarray(y, dtype=np.int64)
-    uniq, inv = np.unique(patients, return_inverse=True)
-    members = [np.flatnonzero(inv == i) for i in range(len(uniq))]
-    rng = np.random.default_rng(seed)
-    draws = {k: [] for k in METRICS}
-    for _ in range(n_boot):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])
+
+    def stat(idx: np.ndarray) -> list[float]:
         m = fast_metrics(y[idx], prob[idx], len(classes))
-        for k in METRICS:
-            if np.isfinite(m[k]):
-                draws[k].append(m[k])
-    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    return {k: ([float(np.percentile(v, lo)), float(np.percentile(v, hi))] if len(v) >= 100 else [math.nan, math.nan])
-            for k, v in draws.items()}
+        return [m[k] for k in METRICS]
+
+    low, high = patient_bootstrap(np.asarray(patients), stat, n_resamples=n_boot, confidence=level, seed=seed)
+    return {k: [float(low[i]), float(high[i])] for i, k in enumerate(METRICS)}
 
 
 # --------------------------------------------------------------------------- prediction

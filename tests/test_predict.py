@@ -16,8 +16,8 @@ import torch
 from pipeline.bags import cohort_cache
 from pipeline.cli import main
 from pipeline.errors import SheetError
-from pipeline.metrics import classification_metrics
-from pipeline.predict import PredictConfig, bootstrap_ci, fast_metrics, predict_cohort
+from pipeline.metrics import classification_metrics, fast_metrics
+from pipeline.predict import PredictConfig, bootstrap_ci, predict_cohort
 from pipeline.sheet import read_sheet
 from pipeline.splits import write_splits
 from pipeline.store import TileSet, TileStoreMeta, write_tile_store

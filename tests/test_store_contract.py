@@ -9,8 +9,19 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SlideError
-from pipeline.store import (FEATURE_ARRAYS, TILE_ARRAYS, FeatureStoreMeta, FeatureStoreWriter, TileSet, TileStoreMeta,
-                            list_arrays, read_attrs, read_feature_store, read_tile_store, write_tile_store)
+from pipeline.store import (
+    FEATURE_ARRAYS,
+    TILE_ARRAYS,
+    FeatureStoreMeta,
+    FeatureStoreWriter,
+    TileSet,
+    TileStoreMeta,
+    list_arrays,
+    read_attrs,
+    read_feature_store,
+    read_tile_store,
+    write_tile_store,
+)
 
 
 def tiles(n: int = 3) -> dict[str, TileSet]:
