@@ -14,7 +14,6 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from collections.abc import Callable, Mapping
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
 from pipeline.foundation import FOUNDATION_MODELS, foundation_spec
+from pipeline.provenance import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +136,8 @@ class EncoderSpec:
 
 
 def weights_sha256(path: str | Path) -> str:
-    """Hex sha256 of a weights file, read in 1 MiB chunks (UNI is 1.2 GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex sha256 of a weights file (the workflow hashes it the same way, without torch)."""
+    return file_sha256(path)
 
 
 def _truncated(path: Path, e: Exception) -> bool:

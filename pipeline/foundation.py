@@ -25,7 +25,7 @@ its reference here without `transformers`); use them through `timm:` only if con
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import timm
@@ -85,6 +85,14 @@ class FoundationModel:
 
 _SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
 
+_H_OPTIMUS = FoundationModel(
+    arch="vit_giant_patch14_reg4_dinov2",
+    kwargs=dict(img_size=224, init_values=1e-5, dynamic_img_size=False, num_classes=0, global_pool="token"),
+    out_dim=1536, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, precision=torch.float16,
+    interpolation="bilinear",  # card feeds 224-px tiles as they are; others resized as TRIDENT
+    weights="huggingface.co/bioptimus/H-optimus-0 `pytorch_model.bin` (gated, Apache-2.0)",
+)
+
 FOUNDATION_MODELS: dict[str, FoundationModel] = {
     # ViT-H/14 (1536 wide, 24 blocks, SwiGLU, 8 registers) on the vit_giant_patch14_224 name.
     "uni2_h": FoundationModel(
@@ -106,22 +114,9 @@ FOUNDATION_MODELS: dict[str, FoundationModel] = {
         weights="huggingface.co/paige-ai/Virchow2 `pytorch_model.bin` (gated, CC-BY-NC-ND-4.0)",
     ),
     # ViT-g/14 with 4 registers (DINOv2 body); class token out.
-    "h_optimus_0": FoundationModel(
-        arch="vit_giant_patch14_reg4_dinov2",
-        kwargs=dict(img_size=224, init_values=1e-5, dynamic_img_size=False, num_classes=0,
-                    global_pool="token"),
-        out_dim=1536, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, precision=torch.float16,
-        interpolation="bilinear",  # card feeds 224-px tiles as they are; others resized as TRIDENT
-        weights="huggingface.co/bioptimus/H-optimus-0 `pytorch_model.bin` (gated, Apache-2.0)",
-    ),
-    "h_optimus_1": FoundationModel(
-        arch="vit_giant_patch14_reg4_dinov2",
-        kwargs=dict(img_size=224, init_values=1e-5, dynamic_img_size=False, num_classes=0,
-                    global_pool="token"),
-        out_dim=1536, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, precision=torch.float16,
-        interpolation="bilinear",
-        weights="huggingface.co/bioptimus/H-optimus-1 `pytorch_model.bin` (gated, licence on the card)",
-    ),
+    "h_optimus_0": _H_OPTIMUS,
+    "h_optimus_1": replace(  # same architecture and transform, newer weights
+        _H_OPTIMUS, weights="huggingface.co/bioptimus/H-optimus-1 `pytorch_model.bin` (gated, licence on the card)"),
     # ViT-g body with 16-px patches (the config overrides the name's 14), no registers.
     "prov_gigapath": FoundationModel(
         arch="vit_giant_patch14_dinov2",
