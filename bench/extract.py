@@ -51,7 +51,7 @@ from pipeline.extract import (  # noqa: E402
     make_loader,
     pick_device,
 )
-from pipeline.slide import fingerprint  # noqa: E402
+from pipeline.slides import fingerprint  # noqa: E402
 from pipeline.store import read_tile_store, write_tile_store  # noqa: E402
 from pipeline.tiling import TileSet  # noqa: E402
 

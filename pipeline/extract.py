@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from pipeline.errors import SlideError
-from pipeline.slide import fingerprint_matches, open_slide
+from pipeline.slides import fingerprint_matches, open_slide
 from pipeline.store import FeatureStoreWriter, read_tile_store
 
 log = logging.getLogger(__name__)

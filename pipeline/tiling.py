@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.config import TilingConfig
 from pipeline.errors import SlideError
-from pipeline.slide import Slide, SlideInfo
+from pipeline.slides import Slide, SlideInfo
 
 log = logging.getLogger(__name__)
 MASK_FINEST_MPP = 1.0  # µm/px: finer levels are area-reduced to this (finer finds no more tissue, costs more)

@@ -23,8 +23,8 @@ from pipeline.config import TilingConfig
 from pipeline.errors import ConfigError, SheetError, SlideError
 from pipeline.extract import ExtractConfig, extract_features
 from pipeline.sheet import SlideRow, parse_sheet
-from pipeline.slide import open_slide
-from pipeline.slide_files import fingerprint, fingerprint_matches, legacy_fingerprint
+from pipeline.slides import open_slide
+from pipeline.slides.files import fingerprint, fingerprint_matches, legacy_fingerprint
 from pipeline.splits import check_splittable, make_splits
 from pipeline.store import read_feature_store, read_tile_store, store_status
 from pipeline.tile_stage import tile_to_store
