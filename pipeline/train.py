@@ -38,6 +38,7 @@ from pipeline import __version__
 from pipeline.atomic import atomic_path, json_safe, write_text, write_tsv
 from pipeline.bags import BagCache, collate
 from pipeline.config import checked_options
+from pipeline.devices import resolve_device
 from pipeline.metrics import classification_metrics
 from pipeline.models import ModelConfig, create_model
 from pipeline.models.diagnostics import cross_attention_stats
@@ -70,16 +71,6 @@ def seed_everything(seed: int) -> None:
     os.environ["PYTHONHASHSEED"] = str(seed)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at CUDA init)
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"training device {name!r} asked for, but this machine has no usable CUDA device")
-    return dev
 
 
 def to_device(batch: dict, labels: torch.Tensor, device: torch.device) -> tuple[dict, torch.Tensor]:
