@@ -23,6 +23,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,8 +38,10 @@ import zarr
 
 from pipeline import __version__, zarr_io
 from pipeline.atomic import dead_writer_leftovers, local_pid, pid_alive, writer_tag
-from pipeline.errors import SlideError, one_line
+from pipeline.errors import SlideError, StoreError, one_line
 from pipeline.tiling import TileSet
+
+log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 1
 TILE_ARRAYS = {"coords": np.int64, "grid": np.int32, "tissue": np.float32, "region": np.int32, "parent": np.int64}
@@ -285,13 +288,20 @@ class FeatureStoreWriter:
         self.root = zarr.open_group(str(self.partial), mode="r+")
 
     def _resume(self, meta: dict[str, Any]) -> dict[str, int] | None:
+        """Rows already committed per magnification, or None to start over: no partial store,
+        one of other parameters, or one that cannot be read (said in the log, never silently)."""
         prog = self.partial / _PROGRESS
+        if not self.partial.exists():
+            return None
         try:
             old = dict(zarr.open_group(str(self.partial), mode="r").attrs)
             done = json.loads(prog.read_text())
-        except Exception:
+        except (OSError, ValueError) as e:  # zarr's "no group" errors are both; bad JSON is a ValueError
+            log.warning("%s: cannot resume the partial store (%s: %s); starting over",
+                        self.final.name, type(e).__name__, one_line(e))
             return None
         if old != meta:
+            log.info("%s: the partial store was made with other parameters; starting over", self.final.name)
             return None
         # zarr writes each chunk to `<chunk>.<uuid>.partial` and renames it: a kill in between
         # leaves that file behind, and it would travel into the finished store
@@ -332,11 +342,12 @@ class FeatureStoreWriter:
 
     def write(self, mag: str, start: int, feats: np.ndarray, failed: np.ndarray) -> None:
         """Write rows [start, start + len) and commit them; `start` must be where the last write ended."""
-        assert start == self.progress[mag], f"{mag}: expected rows from {self.progress[mag]}, got {start}"
+        if start != self.progress[mag]:  # rows out of order would leave a gap no reader could see
+            raise StoreError(f"{self.final.name} {mag}: rows must follow the last write (row {self.progress[mag]}), got {start}")
         end = start + len(feats)
         feats = np.asarray(feats, dtype=np.float16)
         if nonfinite_rows(feats).any():  # the extractor names the tile; this guards the layout
-            raise ValueError(f"{self.final.name} {mag}: non-finite features in rows {start}-{end}")
+            raise StoreError(f"{self.final.name} {mag}: non-finite features in rows {start}-{end}")
         g = self.root[mag]
         with zarr.config.set({"array.write_empty_chunks": True}):  # a missing chunk = a lost chunk
             g["features"][start:end] = feats

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pipeline import __version__
 from pipeline.atomic import atomic_path, json_safe, write_text, write_tsv
 from pipeline.bags import BagCache, collate
-from pipeline.config import checked_options
+from pipeline.config import check_model_options, checked_options
 from pipeline.devices import resolve_device
 from pipeline.metrics import classification_metrics
 from pipeline.models import ModelConfig, create_model
@@ -61,7 +61,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> TrainConfig:
-        return cls(**checked_options(cls, d, "training"))
+        d = checked_options(cls, d, "training")
+        check_model_options(d.get("model"))  # a ConfigError naming the key, before any work
+        return cls(**d)
 
 
 def seed_everything(seed: int) -> None:
