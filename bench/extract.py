@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -52,13 +53,15 @@ from pipeline.extract import (  # noqa: E402
     make_loader,
 )
 from pipeline.slides import fingerprint  # noqa: E402
-from pipeline.store import read_tile_store, write_tile_store  # noqa: E402
-from pipeline.tiling import TileSet  # noqa: E402
+from pipeline.store import (  # noqa: E402
+    TileSet,  # noqa: E402
+    read_tile_store,
+    write_tile_store,
+)
 
 CACHE = Path(tempfile.gettempdir()) / "m2otca-bench"
 MAG = "20x"
 # store-managed attributes that write_tile_store recomputes for the subset store
-_MANAGED = ("layout_version", "kind", "status", "magnifications", "n_tiles", "tiles_sha256", "package_version")
 
 
 def mib(kib: int) -> float:
@@ -82,7 +85,7 @@ def prepare(slide: Path | None, size: tuple[int, int], cache: Path) -> tuple[Pat
     ok = slide.exists() and store.exists()
     if ok:
         try:
-            ok = read_tile_store(store).attrs["slide_fingerprint"] == fingerprint(slide)
+            ok = read_tile_store(store).meta.slide_fingerprint == fingerprint(slide)
         except Exception:
             ok = False
     if not ok:
@@ -115,9 +118,8 @@ def subset_store(store: Path, n: int, out: Path, offset: int | None = None) -> t
     off = (len(full) - n) // 2 if offset is None else min(offset, len(full) - n)
     sub = TileSet(**{k: np.asarray(getattr(full, k))[off : off + n] for k in
                      ("coords", "grid", "tissue", "region", "parent")})
-    attrs = {k: v for k, v in ts.attrs.items() if k not in _MANAGED}
-    attrs["tiling"] = {**attrs["tiling"], "magnifications": {MAG: ts.attrs["tiling"]["magnifications"][MAG]}}
-    write_tile_store(out, {MAG: sub}, attrs)
+    tiling = {**ts.meta.tiling, "magnifications": {MAG: ts.meta.tiling["magnifications"][MAG]}}
+    write_tile_store(out, {MAG: sub}, dataclasses.replace(ts.meta, tiling=tiling))
     return out, sub.coords
 
 
@@ -151,11 +153,10 @@ def cpu_seconds() -> float:
 def measure_decode(slide: Path, store: Path, cfg: ExtractConfig, device: torch.device) -> float:
     """Tiles/s through the extractor's loader (workers included), no model."""
     ts = read_tile_store(store)
-    a = ts.attrs
+    a = ts.meta
     coords = ts.tiles[MAG].coords
     t0 = time.perf_counter()
-    ds = TileDataset(str(slide), a["base_mpp"], coords, a["tiling"]["magnifications"][MAG],
-                     a["tiling"]["tile_size"])
+    ds = TileDataset(str(slide), a.base_mpp, coords, a.tiling["magnifications"][MAG], a.tiling["tile_size"])
     n = 0
     for imgs, errs in make_loader(ds, cfg, device):
         if any(errs):
@@ -219,12 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     t_prep = time.perf_counter()
     slide, store, prepared = prepare(a.slide, a.size, a.cache)
     t_prep = time.perf_counter() - t_prep
-    ts_attrs = read_tile_store(store).attrs
+    ts_meta = read_tile_store(store).meta
     cfg = ExtractConfig(batch_size=a.batch_size, num_workers=a.workers, device=a.device)
     device = resolve_device(cfg.device)
     default_threads = torch.get_num_threads()
-    w0, h0 = ts_attrs["level0_size"]
-    print(f"slide {slide} {w0}x{h0} ({slide.stat().st_size / 2**20:.0f} MiB), tiles {ts_attrs['n_tiles']}, "
+    w0, h0 = ts_meta.level0_size
+    print(f"slide {slide} {w0}x{h0} ({slide.stat().st_size / 2**20:.0f} MiB), tiles {ts_meta.n_tiles}, "
           f"prepare {t_prep:.1f} s{' (built/tiled now)' if prepared else ' (cached)'}")
     print(f"machine: {os.cpu_count()} CPU(s), torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         sub, coords = subset_store(store, a.n_tiles, work / "subset.tiles.zarr")
         warm, _ = subset_store(store, 2 * a.batch_size, work / "warm.tiles.zarr", offset=0)
         n = len(coords)
-        size = ts_attrs["tiling"]["tile_size"]
+        size = ts_meta.tiling["tile_size"]
         enc = ProbeEncoder(a.encoder, a.weights, device, cfg.compile)
         enc.reset_probe()
         gen = torch.Generator().manual_seed(0)

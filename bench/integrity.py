@@ -29,9 +29,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import zarr_io  # noqa: E402
 from pipeline.slides.files import fingerprint, legacy_fingerprint  # noqa: E402
-from pipeline.store import CHECKSUM_CODEC, FEATURE_CODEC, nonfinite_rows  # noqa: E402
+from pipeline.store import (  # noqa: E402
+    CHECKSUM_CODEC,
+    FEATURE_CODEC,
+    nonfinite_rows,
+    zarr_io,  # noqa: E402
+)
 
 PIECE = 64 << 20
 

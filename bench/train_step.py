@@ -21,7 +21,7 @@ At N = 10,000 / 2,500 / 625 tiles (20x / 10x / 5x), D = 512, B = 1:
   the reads come from disk. Cold epoch and compute-alone pass alternate ``--epoch-repeats``
   times (fresh cache each time); the median of the pairs' ratios is printed.
   Loading is CPU work (~3.5 ms per slide here: reading + Blosc-LZ4 decoding through
-  ``pipeline.zarr_io``, ~2.9 ms, and float16 padding, ~0.7 ms) plus disk latency, so it hides
+  ``pipeline.store.zarr_io``, ~2.9 ms, and float16 padding, ~0.7 ms) plus disk latency, so it hides
   fully only where a core is free for it: on 2 cores both busy with the step's threads, the epoch costs about (step CPU
   + loading CPU) / 2; with ``--threads 1`` (or the steps on a GPU) the loader has its core.
   ``--epoch-slides 0`` skips it (``nan``).

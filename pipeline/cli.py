@@ -77,7 +77,6 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", required=True, help="resnet18_simclr, uni or timm:<name>")
     p.add_argument("--weights", default=None, help="local weights file (none: random init, with a warning)")
     p.add_argument("--out", required=True, help="feature store to write")
-    p.add_argument("--mpp", type=float, default=None, help="override the scan resolution (µm/px)")
     p.add_argument("--mags", default=None, help="comma-separated magnifications (default: all in the store)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=1, help="decoding processes")
@@ -99,8 +98,7 @@ def _extract(args: argparse.Namespace) -> int:
                         compile=args.compile, on_tile_error=args.on_tile_error)
     mags = args.mags.split(",") if args.mags else None
     try:
-        extract_features(args.store, args.out, args.encoder, args.weights, slide=args.slide, mpp=args.mpp,
-                         mags=mags, cfg=cfg)
+        extract_features(args.store, args.out, args.encoder, args.weights, slide=args.slide, mags=mags, cfg=cfg)
     except StoreBusy as e:
         print(f"error: {Path(args.store).name}: {e}; stopping", file=sys.stderr)
         return 75
@@ -164,7 +162,7 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.config import json_options, load_config
     from pipeline.models import MODEL_NAMES, ModelConfig
     from pipeline.splits import read_splits
-    from pipeline.store import read_attrs
+    from pipeline.store import read_feature_meta
     from pipeline.train import TrainConfig, train_fold
 
     if args.model not in MODEL_NAMES:
@@ -182,7 +180,7 @@ def _train(args: argparse.Namespace) -> int:
     provenance = {
         "fold": args.fold,
         "features": {m: str(d) for m, d in feature_dirs.items()},
-        "encoders": {m: read_attrs(cache.stores[train_ids[0]][m]).get("encoder") for m in feature_dirs},
+        "encoders": {m: read_feature_meta(cache.stores[train_ids[0]][m]).encoder for m in feature_dirs},
         "store_fingerprints": {s: feature_fingerprints(cache.stores[s]) for s in train_ids + val_ids},
         "train_ids": train_ids,
         "val_ids": val_ids,
@@ -291,7 +289,7 @@ def _heatmaps(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from pipeline.heatmap import load_attention, render_heatmap
-    from pipeline.store import read_attrs
+    from pipeline.store import read_tile_meta
 
     fold = Path(args.fold_dir)
     attn = load_attention(fold / "attention.npz")
@@ -306,10 +304,10 @@ def _heatmaps(args: argparse.Namespace) -> int:
     wanted += extra
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for sid in wanted:
-        a = read_attrs(Path(args.tiles_dir) / f"{sid}.zarr")
+        a = read_tile_meta(Path(args.tiles_dir) / f"{sid}.zarr")
         probs = ", ".join(f"P({c.removeprefix('prob_')})={pred.loc[sid, c]:.2f}" for c in pred.columns if c.startswith("prob_"))
-        render_heatmap(a["slide_path"], attn[sid], a["tile_px_level0"], Path(args.out) / f"{sid}.png",
-                       title=f"{sid}  label {pred.loc[sid, 'label']}  {probs}", mpp=a["base_mpp"])
+        render_heatmap(a.slide_path, attn[sid], a.tile_px_level0, Path(args.out) / f"{sid}.png",
+                       title=f"{sid}  label {pred.loc[sid, 'label']}  {probs}", mpp=a.base_mpp)
     logging.info("%d heatmaps -> %s", len(wanted), args.out)
     return 0
 

@@ -6,8 +6,10 @@ the feature width `out_dim`, the autocast dtype `precision` to use on CUDA; the 
 normalises whole uint8 batches on the GPU (`batch_transform`) and describes itself for store
 attributes.
 
-Registered names: `resnet18_simclr` (DSMIL's SimCLR ResNet-18), `uni` (UNI ViT-L/16) and
-`timm:<model name>` for any timm architecture with local weights. Nothing is downloaded.
+Registered names: `resnet18_simclr` (DSMIL's SimCLR ResNet-18), `uni` (UNI ViT-L/16), the
+foundation models of `pipeline.foundation` (`uni2_h`, `virchow2`, `h_optimus_0`, `h_optimus_1`,
+`prov_gigapath`) and `timm:<model name>` for any timm architecture with local weights.
+Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
+from pipeline.foundation import FOUNDATION_MODELS, foundation_spec
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ RANDOM_INIT_SEED = 0  # random init is seeded so reruns and resumes stay byte-id
 _RESNET_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
 _SIMCLR_HEAD = ("l1.", "l2.")  # SimCLR projection MLP, not part of the encoder
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+# what safetensors / unpickling say about a file cut short
+_TRUNCATED = ("not fully covered", "incomplete metadata", "Ran out of input", "unexpected EOF")
 
 
 class RandomInitWarning(UserWarning):
@@ -57,6 +62,7 @@ class EncoderSpec:
     std: tuple[float, float, float] | None
     precision: torch.dtype  # preferred autocast dtype on CUDA
     interpolation: str = "bilinear"  # used only when the tile is resized (antialiased)
+    resize_size: tuple[int, int] | None = None  # resize to this, then center-crop to input_size
     pretrained: bool = False
     weights_sha256: str | None = None
 
@@ -64,15 +70,21 @@ class EncoderSpec:
         """(B, H, W, 3) uint8 on any device -> (B, 3, S, S) float32 on that device.
 
         Same arithmetic as torchvision's ToTensor (x / 255), then an antialiased resize
-        when `input_size` differs from the tile, then Normalize ((x - mean) / std).
+        when the tile differs from `resize_size` (else `input_size`), a center crop to
+        `input_size` as torchvision's CenterCrop, then Normalize ((x - mean) / std).
         """
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected a (B, H, W, 3) uint8 batch, got {tuple(x.shape)} {x.dtype}")
         y = x.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, H, W) in [0, 1]
-        if self.input_size is not None and tuple(y.shape[-2:]) != self.input_size:
-            y = F.interpolate(y, size=self.input_size, mode=self.interpolation,
-                              align_corners=False, antialias=True)  # (B, 3, S, S)
+        size = self.resize_size or self.input_size
+        if size is not None and tuple(y.shape[-2:]) != size:
+            y = F.interpolate(y, size=size, mode=self.interpolation,
+                              align_corners=False, antialias=True)  # (B, 3, R, R)
             y = y.clamp_(0.0, 1.0)  # bicubic overshoots; PIL clamps to uint8 likewise
+        if self.resize_size is not None and self.input_size is not None:
+            (h, w), (ch, cw) = y.shape[-2:], self.input_size
+            top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+            y = y[..., top : top + ch, left : left + cw].contiguous()  # (B, 3, S, S)
         if self.mean is not None and self.std is not None:
             mean = torch.tensor(self.mean, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
             std = torch.tensor(self.std, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
@@ -91,7 +103,11 @@ class EncoderSpec:
     def describe_transform(self) -> str:
         """One line for the store's `transform` attribute."""
         steps = ["ToTensor (uint8 / 255)"]
-        if self.input_size is not None:
+        if self.resize_size is not None and self.input_size is not None:
+            steps.append(f"resize to {self.resize_size[0]}x{self.resize_size[1]} "
+                         f"({self.interpolation}, antialias) if the tile differs; "
+                         f"center crop {self.input_size[0]}x{self.input_size[1]}")
+        elif self.input_size is not None:
             steps.append(f"resize to {self.input_size[0]}x{self.input_size[1]} "
                          f"({self.interpolation}, antialias) if the tile differs")
         if self.mean is not None:
@@ -104,6 +120,7 @@ class EncoderSpec:
             "encoder": self.name,
             "out_dim": self.out_dim,
             "input_size": list(self.input_size) if self.input_size else None,
+            "resize_size": list(self.resize_size) if self.resize_size else None,
             "mean": list(self.mean) if self.mean else None,
             "std": list(self.std) if self.std else None,
             "interpolation": self.interpolation,
@@ -127,14 +144,28 @@ def weights_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _truncated(path: Path, e: Exception) -> bool:
+    """Whether a failed load looks like a file cut short: a PyTorch zip archive (it starts with
+    the zip magic yet does not load), a safetensors header promising more bytes, or a pickle
+    that ends early."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return (head == b"PK\x03\x04" or isinstance(e, EOFError)
+            or any(s in str(e) for s in _TRUNCATED))
+
+
 def unreadable_weights(path: Path, e: Exception) -> ConfigError:
     """The one-line error for a weights file torch/safetensors cannot load."""
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if size == 0:
         why = "the file is empty"
     elif "Unsupported global" in str(e):
         why = "it holds pickled Python objects, not only tensors; save the state dict (torch.save(model.state_dict(), path))"
+    elif _truncated(path, e):
+        cause = lines[0][:100] if lines else "end of file"
+        why = f"the file is truncated or corrupt ({size:,} bytes; {type(e).__name__}: {cause}); copy it again"
     else:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         cause = next((ln for ln in lines if ln.startswith("Unsupported")), lines[0] if lines else "")
         why = f"not a PyTorch or safetensors checkpoint ({type(e).__name__}: {cause[:120]})"
     return ConfigError(f"weights file {path}: {why}")
@@ -174,21 +205,22 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 def _listing(label: str, items: list[str], limit: int = 8) -> str:
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-    return f"\n  {label} ({len(items)}): " + ", ".join(items[:limit]) + more
+    return f"; {label} ({len(items)}): " + ", ".join(items[:limit]) + more
 
 
 def check_fit(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], what: str) -> None:
-    """Raise a short ValueError naming missing/unexpected keys and shape mismatches."""
+    """Raise a one-line ConfigError (a ValueError; the CLI exits 2) naming missing/unexpected
+    keys and shape mismatches."""
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     shapes = [f"{k} {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in expected if k in given and given[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
-        msg = f"weights do not fit {what}:"
+        msg = f"weights do not fit {what}"
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
             if items:
                 msg += _listing(label, items)
-        raise ValueError(msg)
+        raise ConfigError(msg)
 
 
 def _dsmil_name(key: str) -> str:
@@ -212,7 +244,7 @@ def resnet_state_dict(sd: Mapping[str, Tensor], target: Mapping[str, Tensor],
         body = [(k, v) for k, v in sd.items() if not k.startswith(_SIMCLR_HEAD)]
         check_fit(target, {_dsmil_name(k): v for k, v in body}, what)  # names + shapes
         if [_dsmil_name(k) for k, _ in body] != list(target):
-            raise ValueError(f"weights do not fit {what}: tensors are not in the ResNet's order")
+            raise ConfigError(f"weights do not fit {what}: tensors are not in the ResNet's order")
         return {tk: v for (_, v), tk in zip(body, target, strict=True)}
     if any(k.startswith("feature_extractor.") for k in sd):  # DSMIL IClassifier embedder.pth
         sd = {k.removeprefix("feature_extractor."): v for k, v in sd.items()
@@ -302,6 +334,9 @@ ENCODERS: dict[str, _Recipe] = {
                             std=IMAGENET_STD, precision=torch.bfloat16, interpolation="bilinear"),
         adapt=_as_is,
     ),
+    # pipeline.foundation: each model card's timm arguments, transform, pooling and precision
+    **{name: _Recipe(factory=fm.build, spec=foundation_spec(fm), adapt=_as_is)
+       for name, fm in FOUNDATION_MODELS.items()},
 }
 
 
@@ -351,7 +386,8 @@ def build_encoder(name: str, weights: str | Path | None = None, *,
     what = f"encoder {name!r}"
     if weights is not None:
         sd = read_state_dict(weights)
-        model = _load(model, recipe.adapt(sd, model, what), f"{what} ({weights})")
+        fit = f"{what} ({weights})"
+        model = _load(model, recipe.adapt(sd, model, fit), fit)
         digest = weights_sha256(weights)
         log.info("%s: loaded %s (%d tensors, sha256 %s)", name, weights, len(sd), digest[:12])
     else:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from pipeline.devices import resolve_device
 from pipeline.errors import SlideError
 from pipeline.slides import fingerprint_matches, open_slide
-from pipeline.store import FeatureStoreWriter, read_tile_store
+from pipeline.store import FeatureStoreMeta, FeatureStoreWriter, read_tile_store
 
 log = logging.getLogger(__name__)
 
@@ -176,22 +176,26 @@ class Encoder:
 
 
 def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weights: str | None = None,
-                     slide: str | None = None, mpp: float | None = None, mags: list[str] | None = None,
+                     slide: str | None = None, mags: list[str] | None = None,
                      cfg: ExtractConfig | None = None, enc: Encoder | None = None) -> dict[str, int]:
-    """Extract features of every tile of `mags` (default: all) into the feature store `out`."""
+    """Extract features of every tile of `mags` (default: all) into the feature store `out`.
+
+    The slide is read at the resolution its tile store recorded (metadata or the sheet's
+    override, resolved once at tiling); `slide` only relocates a moved file, checked by its
+    fingerprint.
+    """
     cfg = cfg or ExtractConfig()
     ts = read_tile_store(tile_store)
-    attrs = ts.attrs
-    slide_id = attrs["slide_id"]
-    slide_path = slide or attrs["slide_path"]
+    meta = ts.meta
+    slide_id = meta.slide_id
+    slide_path = slide or meta.slide_path
     if cfg.check_slide:
         try:
-            same = fingerprint_matches(slide_path, attrs["slide_fingerprint"])
+            same = fingerprint_matches(slide_path, meta.slide_fingerprint)
         except OSError as e:
             raise SlideError(slide_id, f"cannot read the slide file {slide_path}: {e}") from e
         if not same:
             raise SlideError(slide_id, f"slide file changed since tiling ({slide_path}); re-run tiling")
-    base_mpp = mpp or attrs["base_mpp"]
     mags = mags or list(ts.tiles)
     unknown = [m for m in mags if m not in ts.tiles]
     if unknown:
@@ -200,22 +204,17 @@ def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weig
     enc = enc or Encoder(encoder, weights, device, cfg.compile)
     tiles = {m: ts.tiles[m] for m in mags}
     chunk_rows = cfg.batch_size * cfg.chunk_batches
-    store_attrs = {
-        "slide_id": slide_id,
-        "slide_fingerprint": attrs["slide_fingerprint"],
-        "tiles_sha256": attrs["tiles_sha256"],
-        "tile_size": attrs["tiling"]["tile_size"],
-        "target_mpp": {m: attrs["tiling"]["magnifications"][m] for m in mags},
-        "on_tile_error": cfg.on_tile_error,
-        **enc.spec.attrs(),
-    }
+    spec = enc.spec.attrs()
+    tile_size, target_mpp = meta.tiling["tile_size"], {m: meta.tiling["magnifications"][m] for m in mags}
+    store_meta = FeatureStoreMeta(slide_id=slide_id, encoder=spec.pop("encoder"), tiles_sha256=meta.tiles_sha256,
+                                  slide_fingerprint=meta.slide_fingerprint, tile_size=tile_size, target_mpp=target_mpp,
+                                  on_tile_error=cfg.on_tile_error, extra=spec)
     dims = {m: enc.spec.out_dim for m in mags}
-    writer = FeatureStoreWriter(out, tiles, dims, store_attrs, chunk_rows=chunk_rows)
+    writer = FeatureStoreWriter(out, tiles, dims, store_meta, chunk_rows=chunk_rows)
     try:
         for m in mags:
-            _extract_mag(writer, m, slide_path, base_mpp, tiles[m].coords,
-                                       attrs["tiling"]["magnifications"][m], attrs["tiling"]["tile_size"],
-                                       enc, cfg, slide_id, device)
+            _extract_mag(writer, m, slide_path, meta.base_mpp, tiles[m].coords, target_mpp[m], tile_size,
+                         enc, cfg, slide_id, device)
         writer.finalize()
     finally:
         writer.close()

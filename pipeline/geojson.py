@@ -111,20 +111,20 @@ def slide_features(tile_store: str | Path, mask_png: str | Path | None = None,
     import cv2
 
     ts = read_tile_store(tile_store)
-    a = ts.attrs
-    sid = a["slide_id"]
+    a = ts.meta
+    sid = a.slide_id
     out = []
     if mask_png is not None:
         mask = cv2.imread(str(mask_png), cv2.IMREAD_GRAYSCALE)
         if mask is None:
             raise ConfigError(f"mask {mask_png}: not a readable PNG")
-        for i, p in enumerate(mask_polygons(mask > 127, a["mask_mpp"] / a["base_mpp"])):
+        for i, p in enumerate(mask_polygons(mask > 127, a.mask_mpp / a.base_mpp)):
             out.append(feature(p, "annotation", f"{sid}/tissue/{i}", TISSUE, name=f"Tissue {i + 1}",
-                               measurements={"Area µm^2": p.area * a["base_mpp"] ** 2}))
+                               measurements={"Area µm^2": p.area * a.base_mpp ** 2}))
     attention = attention or {}
     colour_model = colour_model if colour_model in attention else next(iter(attention), None)
     for k, (mag, tiles) in enumerate(ts.tiles.items()):
-        side = float(a["tile_px_level0"][mag])
+        side = float(a.tile_px_level0[mag])
         cls = (f"Tile {mag}", MAG_COLOURS[min(k, len(MAG_COLOURS) - 1)])
         meas: dict[str, np.ndarray] = {"Tissue fraction": tiles.tissue.astype(float)}
         for model, per_mag in attention.items():

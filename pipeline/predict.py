@@ -420,7 +420,7 @@ def prepare_slides(run: TrainedRun, rows: list[SlideRow], results: str | Path, b
             try:
                 if name not in encoders:
                     encoders[name] = Encoder(name, run.weights[name], resolve_device(device))
-                extract_features(store, out, name, run.weights[name], slide=str(r.path), mpp=r.mpp, mags=mags,
+                extract_features(store, out, name, run.weights[name], slide=str(r.path), mags=mags,
                                  cfg=cfg, enc=encoders[name])
             except SlideError as e:
                 write_failed_store(out, "features", r.slide_id, str(e), {"encoder": name})

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from pipeline.atomic import atomic_path
-from pipeline.tiling import TileSet
+from pipeline.store import TileSet
 
 _CONTOUR = (0, 200, 0)  # RGB green: tissue outline
 _FINE = (30, 110, 255)  # RGB blue: finest tiles

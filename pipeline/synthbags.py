@@ -39,8 +39,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import StoreError
-from pipeline.store import FeatureStoreWriter, store_status, tiles_digest, write_failed_store
-from pipeline.tiling import TileSet
+from pipeline.store import (
+    FeatureStoreMeta,
+    FeatureStoreWriter,
+    TileSet,
+    store_status,
+    tiles_digest,
+    write_failed_store,
+)
 
 MAGS = ("20x", "10x", "5x")
 PER_SIDE = {"20x": 4, "10x": 2, "5x": 1}  # tiles per region side at each magnification
@@ -308,9 +314,9 @@ def oracle_scores(slide: SynthSlide, cfg: SynthConfig, dirs: np.ndarray | None =
 def write_slide(slide: SynthSlide, path: str | Path, chunk_rows: int = 1024) -> None:
     """The slide's feature store at `path`, through the pipeline's own writer."""
     dims = {t: int(f.shape[1]) for t, f in slide.feats.items()}
-    attrs = {"slide_id": slide.slide_id, "tiles_sha256": tiles_digest(slide.tiles), "encoder": ENCODER,
-             "out_dim": dims["20x"], "synthetic_kind": slide.kind}
-    writer = FeatureStoreWriter(path, slide.tiles, dims, attrs, chunk_rows=chunk_rows)
+    meta = FeatureStoreMeta(slide_id=slide.slide_id, encoder=ENCODER, tiles_sha256=tiles_digest(slide.tiles),
+                            extra={"out_dim": dims["20x"], "synthetic_kind": slide.kind})
+    writer = FeatureStoreWriter(path, slide.tiles, dims, meta, chunk_rows=chunk_rows)
     try:
         for t in MAGS:
             writer.write(t, 0, slide.feats[t], slide.failed[t])

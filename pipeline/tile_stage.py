@@ -13,7 +13,7 @@ from pipeline.config import TilingConfig
 from pipeline.errors import SlideError
 from pipeline.qc import qc_image, write_mask_png, write_png
 from pipeline.slides import fingerprint, open_slide
-from pipeline.store import write_failed_store, write_tile_store
+from pipeline.store import TileStoreMeta, write_failed_store, write_tile_store
 from pipeline.tiling import TilingResult, tile_slide
 
 log = logging.getLogger(__name__)
@@ -48,27 +48,27 @@ def tile_to_store(slide_path: str | Path, out: str | Path, cfg: TilingConfig, mp
     if not any(counts.values()):
         log.warning("%s: no tissue found; writing an empty store", slide_id)
     stat = os.stat(slide_path)
-    attrs = {
-        "slide_id": slide_id,
-        "slide_path": str(slide_path.resolve()),
-        "slide_size_bytes": stat.st_size,
-        "slide_mtime": stat.st_mtime,
-        "slide_fingerprint": fingerprint(slide_path),
-        "vendor": info.vendor,
-        "backend": info.backend,
-        "level0_size": [info.width, info.height],
-        "base_mpp": info.mpp,
-        "mpp_source": info.mpp_source,
-        "tiling": cfg.to_dict(),
-        "mask_mpp": res.mask_mpp,
-        "tile_px_level0": {name: res.grid.finest_px * 2**i for i, name in enumerate(res.tiles)},
-        "region_grid": [res.grid.region_rows, res.grid.region_cols],
-        "annotations": provenance,  # the include / exclude regions that restricted the mask, if any
-    }
+    meta = TileStoreMeta(
+        slide_id=slide_id,
+        slide_path=str(slide_path.resolve()),
+        slide_size_bytes=stat.st_size,
+        slide_mtime=stat.st_mtime,
+        slide_fingerprint=fingerprint(slide_path),
+        vendor=info.vendor,
+        backend=info.backend,
+        level0_size=(info.width, info.height),
+        base_mpp=info.mpp,
+        mpp_source=info.mpp_source,
+        tiling=cfg.to_dict(),
+        mask_mpp=res.mask_mpp,
+        tile_px_level0={name: res.grid.finest_px * 2**i for i, name in enumerate(res.tiles)},
+        region_grid=(res.grid.region_rows, res.grid.region_cols),
+        annotations=provenance,
+    )
     # The pictures are drawn and encoded (OpenCV, GIL released) while Zarr writes the store.
     with ThreadPoolExecutor(1) as pool:
-        pictures = pool.submit(_write_pictures, res, info.mpp, attrs["tile_px_level0"], qc_png, mask_png)
-        write_tile_store(out, res.tiles, attrs)
+        pictures = pool.submit(_write_pictures, res, info.mpp, meta.tile_px_level0, qc_png, mask_png)
+        write_tile_store(out, res.tiles, meta)
         pictures.result()
     log.info("%s: base %.4g µm/px (%s), tiles %s", slide_id, info.mpp, info.mpp_source,
              ", ".join(f"{k}={v}" for k, v in counts.items()))

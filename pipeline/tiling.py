@@ -19,25 +19,12 @@ import numpy as np
 from pipeline.config import TilingConfig
 from pipeline.errors import SlideError
 from pipeline.slides import Slide, SlideInfo
+from pipeline.store.contract import TileSet
 
 log = logging.getLogger(__name__)
 MASK_FINEST_MPP = 1.0  # µm/px: finer levels are area-reduced to this (finer finds no more tissue, costs more)
 BAND_PIXELS = 4_000_000  # mask pixels per summed-area band while measuring tile tissue fractions
 QC_SIDE = 2000  # the RGB thumbnail kept for QC pictures is at most this long (px)
-
-
-@dataclass
-class TileSet:
-    """The kept tiles of one magnification, in spatial order."""
-
-    coords: np.ndarray  # (N, 2) int64 level-0 top-left x, y
-    grid: np.ndarray  # (N, 2) int32 row, col on this magnification's grid
-    tissue: np.ndarray  # (N,) float32 tissue area fraction in [0, 1]
-    region: np.ndarray  # (N,) int32 raster index of the coarsest cell holding the tile
-    parent: np.ndarray  # (N,) int64 index of the parent tile one magnification coarser, -1 if none kept
-
-    def __len__(self) -> int:
-        return len(self.coords)
 
 
 @dataclass

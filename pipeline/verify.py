@@ -21,12 +21,11 @@ import numpy as np
 
 from pipeline import store as st
 from pipeline.slides.files import fingerprint, fingerprint_matches
+from pipeline.tiling import Grid
 
 # severity -> does it make `verify` fail?
 SEVERITIES = {"broken": True, "stale": True, "incomplete": True, "missing": True, "failed": False}
 INCOMPLETE = "incomplete (interrupted run; rerun to resume)"
-FEATURE_ARRAYS = {"features": np.float16, "failed": np.bool_, "coords": np.int64, "region": np.int32}
-COPIED_ARRAYS = ("coords", "region")  # feature-store arrays copied from the tile store, compared with it
 _MAX_LISTED = 3  # tile indices quoted per problem
 
 
@@ -191,7 +190,7 @@ def _first(mask: np.ndarray) -> str:
     return ", ".join(f"#{i}" for i in idx) + (", ..." if mask.sum() > _MAX_LISTED else "")
 
 
-def _check_arrays(c: _Checker, mags: list[str], spec: dict[str, Any],
+def _check_arrays(c: _Checker, mags: tuple[str, ...], specs: dict[str, st.ArraySpec],
                   n_tiles: dict[str, int]) -> tuple[dict[str, int], dict[str, st.ArrayInfo]]:
     """Required arrays present with their dtypes and consistent shapes; returns N per usable mag
     and the store's arrays (metadata)."""
@@ -201,19 +200,18 @@ def _check_arrays(c: _Checker, mags: list[str], spec: dict[str, Any],
         n_attr = n_tiles.get(mag)
         ok = True
         lengths = set()
-        for key, dtype in spec.items():
+        for key, spec in specs.items():
             name = f"{mag}/{key}"
             info = arrays.get(name)
             if info is None:
                 c.add(f"{name}: array missing")
                 ok = False
                 continue
-            if info.dtype != np.dtype(dtype):
-                c.add(f"{name}: dtype {info.dtype}, expected {np.dtype(dtype)}")
+            if info.dtype != np.dtype(spec.dtype):
+                c.add(f"{name}: dtype {info.dtype}, expected {np.dtype(spec.dtype)}")
                 ok = False
-            want_ndim = 2 if key in ("coords", "grid", "features") else 1
-            if len(info.shape) != want_ndim or (key in ("coords", "grid") and info.shape[1] != 2):
-                c.add(f"{name}: shape {info.shape}, expected {'(N, 2)' if key in ('coords', 'grid') else '(N, D)' if want_ndim == 2 else '(N,)'}")
+            if not spec.fits(info.shape):
+                c.add(f"{name}: shape {info.shape}, expected {spec.shape_text()}")
                 ok = False
                 continue
             lengths.add(info.shape[0])
@@ -233,19 +231,21 @@ def _digest(coords: dict[str, np.ndarray]) -> str:
 
 
 def _check_tiles(c: _Checker, attrs: dict[str, Any]) -> None:
-    mags = list(attrs["magnifications"])
-    usable, _ = _check_arrays(c, mags, st.TILE_ARRAYS, attrs.get("n_tiles", {}))
-    width, height = (int(v) for v in attrs["level0_size"])
-    region_rows, region_cols = (int(v) for v in attrs["region_grid"])
-    threshold = float(attrs["tiling"]["tissue_threshold"])
-    tile_px = {m: float(v) for m, v in attrs["tile_px_level0"].items()}
+    meta = st.TileStoreMeta.from_attrs(attrs, c.path)
+    mags = meta.magnifications
+    usable, _ = _check_arrays(c, mags, st.TILE_ARRAYS, meta.n_tiles)
+    width, height = (int(v) for v in meta.level0_size)
+    region_rows, region_cols = (int(v) for v in meta.region_grid)
+    threshold = float(meta.tiling["tissue_threshold"])
+    tile_px = {m: float(v) for m, v in meta.tile_px_level0.items()}
+    grid = Grid(tile_px.get(mags[0], 0.0) if mags else 0.0, len(mags), region_rows, region_cols)
     data = {m: {k: st.read_array(c.path, f"{m}/{k}") for k in st.TILE_ARRAYS} for m in usable}
     for i, mag in enumerate(mags):
         if mag not in data:
             continue
         d = data[mag]
         xy, rc, tissue, region = d["coords"], d["grid"].astype(np.int64), d["tissue"], d["region"].astype(np.int64)
-        cpr = 2 ** (len(mags) - 1 - i)  # cells per region side at this magnification
+        cpr = grid.cells_per_region(i)  # cells per region side at this magnification
         out = (xy[:, 0] < 0) | (xy[:, 0] >= width) | (xy[:, 1] < 0) | (xy[:, 1] >= height)
         if out.any():
             j = int(np.argmax(out))
@@ -278,17 +278,17 @@ def _check_tiles(c: _Checker, attrs: dict[str, Any]) -> None:
                       f"(first after #{int(np.argmax(np.diff(key) <= 0))})")
     _check_parents(c, mags, data)
     digest = _digest({m: data[m]["coords"] for m in mags if m in data})
-    if len(data) == len(mags) and digest != attrs.get("tiles_sha256"):
+    if len(data) == len(mags) and digest != meta.tiles_sha256:
         c.add("tiles_sha256 does not match the stored coords (store modified after it was written)")
-    slide_path = attrs.get("slide_path", "")
-    same = c.slide_matches(slide_path, attrs.get("slide_fingerprint"))
+    slide_path = meta.slide_path
+    same = c.slide_matches(slide_path, meta.slide_fingerprint)
     if same is None:
         c.add(f"stale: slide file not found ({slide_path or 'no slide_path recorded'})", "stale")
     elif not same:
         c.add(f"stale: slide changed since tiling ({slide_path})", "stale")
 
 
-def _check_parents(c: _Checker, mags: list[str], data: dict[str, dict[str, np.ndarray]]) -> None:
+def _check_parents(c: _Checker, mags: tuple[str, ...], data: dict[str, dict[str, np.ndarray]]) -> None:
     for i, mag in enumerate(mags):
         if mag not in data:
             continue
@@ -330,14 +330,15 @@ def _tile_store_of(path: Path) -> Path:
 
 
 def _check_features(c: _Checker, attrs: dict[str, Any]) -> None:
-    mags = list(attrs["magnifications"])
+    meta = st.FeatureStoreMeta.from_attrs(attrs, c.path)
+    mags = meta.magnifications
     damaged = st.chunk_problems(c.path)
     for msg in damaged:
         c.add(f"damaged chunk: {msg}")
     if damaged:
         return
-    usable, arrays = _check_arrays(c, mags, FEATURE_ARRAYS, attrs.get("n_tiles", {}))
-    dims = attrs.get("dims", {})
+    usable, arrays = _check_arrays(c, mags, st.FEATURE_ARRAYS, meta.n_tiles)
+    dims = meta.dims
     copied: dict[str, dict[str, np.ndarray]] = {}
     for mag in usable:
         info = arrays[f"{mag}/features"]
@@ -357,23 +358,24 @@ def _check_features(c: _Checker, attrs: dict[str, Any]) -> None:
         lost = zero_rows & ~failed
         if lost.any():
             c.add(f"{mag}/features: {int(lost.sum())} all-zero row(s) not marked failed (lost chunk?): {_first(lost)}")
-        copied[mag] = {k: st.read_array(c.path, f"{mag}/{k}") for k in COPIED_ARRAYS}
+        copied[mag] = {k: st.read_array(c.path, f"{mag}/{k}") for k in st.COPIED_ARRAYS}
     tiles = _tile_store_of(c.path)
     t_status, t_attrs = st.store_state(tiles)
     if t_status != "ok":
         c.add(f"stale: its tile store is {t_status} ({tiles})", "stale")
         return
-    if t_attrs.get("tiles_sha256") != attrs.get("tiles_sha256"):
+    t_meta = st.TileStoreMeta.from_attrs(t_attrs, tiles)
+    if t_meta.tiles_sha256 != meta.tiles_sha256:
         c.add("stale: tiles changed since extraction", "stale")
     else:
         for mag, arrays in copied.items():
             for key, values in arrays.items():
-                if mag not in t_attrs.get("magnifications", []):
+                if mag not in t_meta.magnifications:
                     c.add(f"{mag}: not in the tile store")
                     break
                 if not np.array_equal(values, st.read_array(tiles, f"{mag}/{key}")):
                     c.add(f"{mag}/{key}: differs from the tile store's (store modified after it was written)")
-    if t_attrs.get("slide_fingerprint") != attrs.get("slide_fingerprint"):
+    if t_meta.slide_fingerprint != meta.slide_fingerprint:
         c.add("stale: slide changed since extraction (retiled from a different slide file)", "stale")
-    elif c.slide_matches(t_attrs.get("slide_path", ""), attrs.get("slide_fingerprint")) is False:
+    elif c.slide_matches(t_meta.slide_path, meta.slide_fingerprint) is False:
         c.add("stale: slide changed since tiling", "stale")

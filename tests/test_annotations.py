@@ -25,8 +25,14 @@ from pipeline.annotations import (
 )
 from pipeline.cli import main
 from pipeline.geojson import export_slide, mask_polygons, slide_attention, tissue_geometry
-from pipeline.store import read_attrs, read_tile_store, store_state, write_tile_store
-from pipeline.tiling import TileSet
+from pipeline.store import (
+    TileSet,
+    TileStoreMeta,
+    read_attrs,
+    read_tile_store,
+    store_state,
+    write_tile_store,
+)
 
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "qupath_geojson.schema.yaml").read_text())
 
@@ -48,8 +54,8 @@ def _tile_store(path: Path, slide_id="s1") -> dict[str, TileSet]:
         tiles[mag] = TileSet(coords=xy, grid=(xy // side)[:, ::-1].astype(np.int32),
                              tissue=np.array([0.5, 0.75, 1.0], np.float32), region=np.zeros(3, np.int32),
                              parent=np.full(3, -1, np.int64))
-    write_tile_store(path, tiles, {"slide_id": slide_id, "mask_mpp": 8.0, "base_mpp": 0.5,
-                                   "tile_px_level0": {"20x": 64.0, "10x": 128.0}, "level0_size": [1280, 960]})
+    write_tile_store(path, tiles, TileStoreMeta(slide_id=slide_id, mask_mpp=8.0, base_mpp=0.5,
+                                                tile_px_level0={"20x": 64.0, "10x": 128.0}, level0_size=(1280, 960)))
     return tiles
 
 
@@ -253,7 +259,7 @@ def test_export_cli_on_a_real_tiling(tmp_path):
     jsonschema.validate(doc, SCHEMA)
     tissue = read_annotations(tmp_path / "s.geojson", slide_size=(800, 600))["Tissue"]
     ts = read_tile_store(tmp_path / "s.zarr")
-    side = ts.attrs["tile_px_level0"]["20x"]
+    side = ts.meta.tile_px_level0["20x"]
     # each kept tile's share of the exported tissue is its recorded tissue fraction (outlines run
     # through the centres of the mask's edge pixels: half a mask pixel = 4 of the tile's 64 px)
     share = np.array([tissue.intersection(box(x, y, x + side, y + side)).area / side**2 for x, y in ts.tiles["20x"].coords])

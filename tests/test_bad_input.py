@@ -303,7 +303,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_extract_lock_is_free_right_after_kill9(small, tmp_path):
-    from pipeline.store import FeatureStoreWriter
+    from pipeline.store import FeatureStoreMeta, FeatureStoreWriter
 
     d, _ = small
     out = tmp_path / "f.zarr"
@@ -316,7 +316,7 @@ def test_extract_lock_is_free_right_after_kill9(small, tmp_path):
         assert p.wait() == -signal.SIGKILL, log.read_text()[-2000:]
     tiles = read_tile_store(d / "s.zarr").tiles
     # at once (the dead writer's DataLoader worker is still alive for seconds): the store is free
-    FeatureStoreWriter(out, {"20x": tiles["20x"]}, {"20x": 512}, {"encoder": ENC}).close()
+    FeatureStoreWriter(out, {"20x": tiles["20x"]}, {"20x": 512}, FeatureStoreMeta(encoder=ENC)).close()
     r = cli(*args)
     assert r.returncode == 0, r.stderr
     a = read_feature_store(out)[1]["20x"].features

@@ -14,9 +14,8 @@ import pytest
 from pipeline.cli import main
 from pipeline.cohort_qc import QCConfig, cohort_qc, feature_stats
 from pipeline.sheet import SlideRow
-from pipeline.store import open_features_dask, read_feature_store, write_failed_store
+from pipeline.store import TileSet, open_features_dask, read_feature_store, write_failed_store
 from pipeline.synthbags import MAGS, SynthConfig, make_slide, write_slide
-from pipeline.tiling import TileSet
 
 TINY = dict(dim=12, regions=(6, 10), lesion_regions=(1, 2))
 FAST = QCConfig(permutations=50, batch_alpha=0.05)

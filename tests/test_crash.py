@@ -27,9 +27,8 @@ import pytest
 from conftest import digest, tissue_image, write_tiff
 
 from pipeline.config import TilingConfig
-from pipeline.store import FeatureStoreWriter, tiles_digest
+from pipeline.store import FeatureStoreMeta, FeatureStoreWriter, TileSet, tiles_digest
 from pipeline.tile_stage import tile_to_store
-from pipeline.tiling import TileSet
 from pipeline.verify import verify_results
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -144,7 +143,7 @@ def test_tile_kill9_then_rerun_is_identical(tmp_path):
         assert state(out / "s.zarr", ref / "s.zarr") != "DIFFERENT"
     points = [
         ("zarr:Group.create_array:7:before", "7th array of the temporary store being created"),
-        ("pipeline.store:_replace_dir:1:before", "temporary store complete, not renamed yet"),
+        ("pipeline.store.tiles:replace_dir:1:before", "temporary store complete, not renamed yet"),
         (None, "(a complete run)"),
         ("os:replace[.old-]:1:after", "replacing an existing store: old one moved aside, new not in place"),
         ("pipeline.tile_stage:write_mask_png:1:truncate", "store in place, mask PNG half-written"),
@@ -218,7 +217,7 @@ def feature_cohort(d: Path, n: int = 12, dim: int = 16) -> tuple[Path, Path]:
         sid = f"s{i:02d}"
         tiles = _tiles(int(rng.integers(2, 5)))
         w = FeatureStoreWriter(fdir / f"{sid}.zarr", tiles, {m: dim for m in MAGS},
-                               {"slide_id": sid, "tiles_sha256": tiles_digest(tiles), "encoder": "synthetic"})
+                               FeatureStoreMeta(slide_id=sid, tiles_sha256=tiles_digest(tiles), encoder="synthetic"))
         for m, ts in tiles.items():
             w.write(m, 0, rng.normal(0.8 * (i % 2), 1.0, (len(ts), dim)), np.zeros(len(ts), bool))
         w.finalize()

@@ -16,8 +16,10 @@ from pipeline.config import TilingConfig
 from pipeline.errors import SlideError
 from pipeline.extract import ExtractConfig, extract_features
 from pipeline.store import (
+    FeatureStoreMeta,
     FeatureStoreWriter,
     StoreBusy,
+    TileStoreMeta,
     read_feature_store,
     read_tile_store,
     store_status,
@@ -40,15 +42,16 @@ def test_extract_writes_self_contained_store(tiled, tmp_path):
     cfg = ExtractConfig(batch_size=16, num_workers=0, chunk_batches=2)
     counts = extract_features(d / "s.zarr", tmp_path / "f.zarr", "resnet18_simclr", cfg=cfg)
     ts = read_tile_store(d / "s.zarr")
-    attrs, feats = read_feature_store(tmp_path / "f.zarr")
+    meta, feats = read_feature_store(tmp_path / "f.zarr")
     assert counts == {m: len(t) for m, t in ts.tiles.items()} and counts["20x"] > 40
     for m, f in feats.items():
         assert f.features.shape == (len(ts.tiles[m]), 512) and f.features.dtype == np.float16
         assert np.isfinite(f.features).all() and not f.failed.any()
         np.testing.assert_array_equal(f.coords, ts.tiles[m].coords)
         np.testing.assert_array_equal(f.region, ts.tiles[m].region)
-    assert attrs["encoder"] == "resnet18_simclr" and attrs["pretrained"] is False
-    assert attrs["tiles_sha256"] == ts.attrs["tiles_sha256"] and "ToTensor" in attrs["transform"]
+    assert meta.encoder == "resnet18_simclr" and meta.get("pretrained") is False
+    assert meta.tiles_sha256 == ts.meta.tiles_sha256 and "ToTensor" in meta.get("transform")
+    assert meta.slide_fingerprint == ts.meta.slide_fingerprint and meta.target_mpp == ts.meta.tiling["magnifications"]
     # deterministic: same inputs, same bytes, whatever the worker count
     extract_features(d / "s.zarr", tmp_path / "g.zarr", "resnet18_simclr",
                      cfg=ExtractConfig(batch_size=16, num_workers=1, chunk_batches=2))
@@ -59,8 +62,8 @@ def test_only_requested_mags(tiled, tmp_path):
     d, _ = tiled
     extract_features(d / "s.zarr", tmp_path / "f.zarr", "resnet18_simclr", mags=["10x", "5x"],
                      cfg=ExtractConfig(num_workers=0))
-    attrs, feats = read_feature_store(tmp_path / "f.zarr")
-    assert list(feats) == ["10x", "5x"] and attrs["magnifications"] == ["10x", "5x"]
+    meta, feats = read_feature_store(tmp_path / "f.zarr")
+    assert list(feats) == ["10x", "5x"] and meta.magnifications == ("10x", "5x")
 
 
 def test_kill9_resume_is_byte_identical(tiled, tmp_path):
@@ -120,16 +123,15 @@ def test_resume_continues_after_last_chunk(tiled, tmp_path, monkeypatch):
 def test_unreadable_tile_fails_slide_naming_coords_or_is_recorded(tmp_path):
     slide = shared_slide("broken/unreadable.svs")
     store = tmp_path / "u.zarr"
-    from pipeline.store import write_tile_store
-    from pipeline.tiling import TileSet
+    from pipeline.store import TileSet, write_tile_store
 
     one = TileSet(coords=np.array([[0, 0]]), grid=np.array([[0, 0]], np.int32), tissue=np.ones(1, np.float32),
                   region=np.zeros(1, np.int32), parent=np.array([-1]))
     from pipeline.slides import fingerprint
 
-    write_tile_store(store, {"20x": one}, {"slide_id": "unreadable", "slide_path": str(slide), "base_mpp": 0.499,
-                                          "slide_fingerprint": fingerprint(slide),
-                                          "tiling": {"tile_size": 64, "magnifications": {"20x": 0.5}}})
+    write_tile_store(store, {"20x": one}, TileStoreMeta(slide_id="unreadable", slide_path=str(slide), base_mpp=0.499,
+                                                         slide_fingerprint=fingerprint(slide),
+                                                         tiling={"tile_size": 64, "magnifications": {"20x": 0.5}}))
     with pytest.raises(SlideError, match=r"unreadable: tile 20x #0 at level-0 \(0, 0\) failed to decode.*Bogus"):
         extract_features(store, tmp_path / "f.zarr", "resnet18_simclr", cfg=ExtractConfig(num_workers=0))
     assert store_status(tmp_path / "f.zarr") == "missing"
@@ -150,11 +152,11 @@ def test_changed_slide_is_refused(tmp_path):
 def test_second_writer_is_refused(tiled, tmp_path):
     d, _ = tiled
     ts = read_tile_store(d / "s.zarr").tiles
-    w = FeatureStoreWriter(tmp_path / "f.zarr", ts, {m: 4 for m in ts}, {"encoder": "x"})
+    w = FeatureStoreWriter(tmp_path / "f.zarr", ts, {m: 4 for m in ts}, FeatureStoreMeta(encoder="x"))
     with pytest.raises(StoreBusy, match="another writer in this process"):
-        FeatureStoreWriter(tmp_path / "f.zarr", ts, {m: 4 for m in ts}, {"encoder": "x"})
+        FeatureStoreWriter(tmp_path / "f.zarr", ts, {m: 4 for m in ts}, FeatureStoreMeta(encoder="x"))
     w.close()
-    FeatureStoreWriter(tmp_path / "f.zarr", ts, {m: 4 for m in ts}, {"encoder": "x"}).close()
+    FeatureStoreWriter(tmp_path / "f.zarr", ts, {m: 4 for m in ts}, FeatureStoreMeta(encoder="x")).close()
 
 
 def test_cli_extract_record_failure(tmp_path):

@@ -20,9 +20,8 @@ from pipeline.metrics import classification_metrics
 from pipeline.predict import PredictConfig, bootstrap_ci, fast_metrics, predict_cohort
 from pipeline.sheet import read_sheet
 from pipeline.splits import write_splits
-from pipeline.store import write_tile_store
+from pipeline.store import TileSet, TileStoreMeta, write_tile_store
 from pipeline.synthbags import MAGS, SynthConfig, SynthSlide, make_cohort, make_slide, write_slide
-from pipeline.tiling import TileSet
 from pipeline.train import TrainConfig, train_fold
 from pipeline.trained_run import RunError, load_trained_run
 
@@ -44,7 +43,7 @@ def _tile_stores(cohort, tiles_dir: Path, cfg: SynthConfig, tiling=TILING) -> No
     """Tile stores matching the synthetic feature stores (same tiles, hence same tiles_sha256)."""
     for i, sid in enumerate(cohort.slides):
         s = make_slide(i, cfg, cfg.classes.index(cohort.labels[sid]), "p")
-        write_tile_store(tiles_dir / f"{sid}.zarr", s.tiles, {"slide_id": sid, "tiling": tiling})
+        write_tile_store(tiles_dir / f"{sid}.zarr", s.tiles, TileStoreMeta(slide_id=sid, tiling=tiling))
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +135,7 @@ def test_mismatched_encoder_weights_and_tiling_are_refused(run_dir, new_cohort, 
     p1.write_text(json.dumps(meta))
     s2 = make_slide(2, cfg, cfg.classes.index(c.labels[c.slides[2]]), "p")
     write_tile_store(res / "tiles" / f"{c.slides[2]}.zarr", s2.tiles,
-                     {"slide_id": c.slides[2], "tiling": {**TILING, "tissue_threshold": 0.5}})
+                     TileStoreMeta(slide_id=c.slides[2], tiling={**TILING, "tissue_threshold": 0.5}))
     rows = read_sheet(c.sheet, check_files=False, require_label=False)
     m = predict_cohort(run, rows, res, tmp_path / "out", cfg=_cfg())["abmil_3"]
     err = capsys.readouterr().err.strip().splitlines()
@@ -158,7 +157,7 @@ def test_stale_features_and_failed_slides_left_out(run_dir, new_cohort, tmp_path
     shutil.copytree(res0, res)
     # slide 0 re-tiled (other tiles, same parameters): its features are stale
     s = make_slide(5, cfg, 0, "p")
-    write_tile_store(res / "tiles" / f"{c.slides[0]}.zarr", s.tiles, {"slide_id": c.slides[0], "tiling": TILING})
+    write_tile_store(res / "tiles" / f"{c.slides[0]}.zarr", s.tiles, TileStoreMeta(slide_id=c.slides[0], tiling=TILING))
     shutil.rmtree(res / "features" / "synthetic" / f"{c.slides[1]}.zarr")
     from pipeline.store import write_failed_store
 
@@ -167,7 +166,7 @@ def test_stale_features_and_failed_slides_left_out(run_dir, new_cohort, tmp_path
     z = np.zeros((0, 2), np.int64)
     empty = {t: TileSet(z, z.astype(np.int32), np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.int64))
              for t in MAGS}
-    write_tile_store(res / "tiles" / f"{c.slides[3]}.zarr", empty, {"slide_id": c.slides[3], "tiling": TILING})
+    write_tile_store(res / "tiles" / f"{c.slides[3]}.zarr", empty, TileStoreMeta(slide_id=c.slides[3], tiling=TILING))
     shutil.rmtree(res / "features" / "synthetic" / f"{c.slides[3]}.zarr")
     write_slide(SynthSlide(c.slides[3], "p", "normal", "none", empty, {t: np.zeros((0, 16), np.float16) for t in MAGS},
                            {t: np.zeros(0, bool) for t in MAGS}), res / "features" / "synthetic" / f"{c.slides[3]}.zarr")

@@ -55,10 +55,10 @@ def test_cmu_all_three_magnifications(cmu, tmp_path):
     assert all(counts[m] > 0 for m in ("20x", "10x", "5x")), counts
     assert counts["20x"] > counts["10x"] > counts["5x"]
     store = read_tile_store(out)
-    assert store.attrs["mpp_source"] == "openslide" and store.attrs["vendor"] == "aperio"
-    assert store.attrs["tiling"]["tissue_threshold"] == 0.35 and store.attrs["layout_version"] == 1
-    assert len(store.attrs["slide_fingerprint"]) == 64
-    grid = make_grid(2220, 2967, store.attrs["base_mpp"], CFG)
+    assert store.meta.mpp_source == "openslide" and store.meta.vendor == "aperio"
+    assert store.meta.tiling["tissue_threshold"] == 0.35 and store.meta.layout_version == 1
+    assert len(store.meta.slide_fingerprint) == 64
+    grid = make_grid(2220, 2967, store.meta.base_mpp, CFG)
     check_invariants(store.tiles, grid, CFG)
     assert (tmp_path / "qc.png").stat().st_size > 10_000 and (tmp_path / "mask.png").exists()
     # a 10x tile with a kept 20x child covers that child's tissue
@@ -125,7 +125,7 @@ def test_rerun_replaces_store_atomically(tmp_path):
     a = tile_to_store(path, out, CFG)
     b = tile_to_store(path, out, TilingConfig(tissue_threshold=0.9))
     assert b["20x"] < a["20x"]
-    assert read_tile_store(out).attrs["tiling"]["tissue_threshold"] == 0.9
+    assert read_tile_store(out).meta.tiling["tissue_threshold"] == 0.9
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -160,4 +160,4 @@ def test_cli_record_failure_and_mpp_override(tmp_path):
         read_tile_store(tmp_path / "b.zarr")
     r = run_cli("tile", boxes, "--out", tmp_path / "b2.zarr", "--mpp", "0.25")
     assert r.returncode == 0, r.stderr
-    assert read_tile_store(tmp_path / "b2.zarr").attrs["mpp_source"] == "override"
+    assert read_tile_store(tmp_path / "b2.zarr").meta.mpp_source == "override"

@@ -99,8 +99,8 @@ def test_cohort_stores_and_sheet(cohort, loaded):
     rows = read_sheet(cohort.sheet, check_files=False)
     assert [r.slide_id for r in rows] == cohort.slides and classes == ["normal", "tumor"]
     assert len(ids) == len(cohort.slides) - 2
-    attrs, sets = read_feature_store(cohort.feature_dir / f"{ids[0]}.zarr")
-    assert attrs["encoder"] == "synthetic" and set(sets) == set(MAGS)
+    meta, sets = read_feature_store(cohort.feature_dir / f"{ids[0]}.zarr")
+    assert meta.encoder == "synthetic" and set(sets) == set(MAGS)
     bag = cache[ids[0]]
     assert np.array_equal(bag.feats["20x"].numpy(), sets["20x"].features)
     # the bag's groups are assign_groups of its region ids (the finest magnification as reference)

@@ -17,7 +17,7 @@ from conftest import tissue_image, write_tiff
 from pipeline.cli import main
 from pipeline.config import TilingConfig
 from pipeline.extract import ExtractConfig, extract_features
-from pipeline.store import FeatureStoreWriter, read_tile_store, write_failed_store
+from pipeline.store import FeatureStoreMeta, FeatureStoreWriter, read_tile_store, write_failed_store
 from pipeline.tile_stage import tile_to_store
 from pipeline.verify import verify_results
 
@@ -93,7 +93,7 @@ def _break_parent(res: Path) -> None:
 
 def _partial_dir(res: Path) -> None:
     ts = read_tile_store(res / "tiles" / "s1.zarr").tiles
-    FeatureStoreWriter(res / "features" / ENC / "s1.zarr", ts, {m: 8 for m in ts}, {"encoder": ENC}).close()
+    FeatureStoreWriter(res / "features" / ENC / "s1.zarr", ts, {m: 8 for m in ts}, FeatureStoreMeta(encoder=ENC)).close()
 
 
 def _tmp_dir(res: Path) -> None:
@@ -101,8 +101,8 @@ def _tmp_dir(res: Path) -> None:
 
 
 def _retiled(res: Path) -> None:
-    a = read_tile_store(res / "tiles" / "s0.zarr").attrs
-    tile_to_store(a["slide_path"], res / "tiles" / "s0.zarr", TilingConfig(tile_size=64, tissue_threshold=0.6))
+    a = read_tile_store(res / "tiles" / "s0.zarr").meta
+    tile_to_store(a.slide_path, res / "tiles" / "s0.zarr", TilingConfig(tile_size=64, tissue_threshold=0.6))
 
 
 def _truncated_chunk(res: Path) -> None:
@@ -185,7 +185,7 @@ def test_changed_slide_is_stale(clean, tmp_path, capsys):
 
 def test_store_being_written_is_told_apart_from_an_interrupted_one(res):
     ts = read_tile_store(res / "tiles" / "s1.zarr").tiles
-    writer = FeatureStoreWriter(res / "features" / ENC / "s1.zarr", ts, {m: 8 for m in ts}, {"encoder": ENC})
+    writer = FeatureStoreWriter(res / "features" / ENC / "s1.zarr", ts, {m: 8 for m in ts}, FeatureStoreMeta(encoder=ENC))
     try:
         problems = [str(p) for p in verify_results([res])]
     finally:

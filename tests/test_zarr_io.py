@@ -8,7 +8,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import zarr_io
+from pipeline.store import zarr_io
 
 
 def _write(path, data, **kw):
@@ -81,8 +81,7 @@ def test_unreadable_metadata_raises(tmp_path):
 
 def test_feature_store_read_equals_zarr_python(tmp_path):
     """A store as extraction writes it (Blosc-LZ4 features, an uneven last chunk, a failed tile)."""
-    from pipeline.store import FeatureStoreWriter, read_feature_store
-    from pipeline.tiling import TileSet
+    from pipeline.store import FeatureStoreMeta, FeatureStoreWriter, TileSet, read_feature_store
 
     n, dim = 37, 8
     tiles = {"20x": TileSet(coords=np.arange(2 * n).reshape(n, 2), grid=np.zeros((n, 2), np.int32),
@@ -91,7 +90,7 @@ def test_feature_store_read_equals_zarr_python(tmp_path):
     feats = np.random.default_rng(1).standard_normal((n, dim)).astype(np.float16)
     failed = np.zeros(n, bool)
     failed[5] = True
-    w = FeatureStoreWriter(tmp_path / "s.zarr", tiles, {"20x": dim}, {"encoder": "x", "tiles_sha256": "t"}, chunk_rows=16)
+    w = FeatureStoreWriter(tmp_path / "s.zarr", tiles, {"20x": dim}, FeatureStoreMeta(encoder="x", tiles_sha256="t"), chunk_rows=16)
     for start in range(0, n, 16):
         w.write("20x", start, feats[start : start + 16], failed[start : start + 16])
     w.finalize()

@@ -20,7 +20,6 @@ rule extract_features:
         weights=get_weights_arg,
         weights_sha256=get_weights_sha,
         mags=get_encoder_mags,
-        mpp=get_mpp_arg,
         batch_size=config["features"]["batch_size"],
         on_tile_error=config["features"]["on_tile_error"],
         compile=["--compile"] if config["features"]["compile"] else [],
@@ -29,5 +28,5 @@ rule extract_features:
     shell:
         "python -m pipeline extract {input.store:q} --slide {input.slide:q} "
         "--encoder {params.encoder:q} {params.weights:q} --out {output.store:q} --mags {params.mags:q} "
-        "{params.mpp:q} --batch-size {params.batch_size:q} --workers {params.workers:q} "
+        "--batch-size {params.batch_size:q} --workers {params.workers:q} "
         "--on-tile-error {params.on_tile_error:q} {params.compile:q} --record-failure > {log:q} 2>&1"
