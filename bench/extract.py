@@ -44,15 +44,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.devices import resolve_device  # noqa: E402
 from pipeline.extract import (  # noqa: E402
     Encoder,
     ExtractConfig,
     TileDataset,
     extract_features,
     make_loader,
-    pick_device,
 )
-from pipeline.slide import fingerprint  # noqa: E402
+from pipeline.slides import fingerprint  # noqa: E402
 from pipeline.store import (  # noqa: E402
     TileSet,  # noqa: E402
     read_tile_store,
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     t_prep = time.perf_counter() - t_prep
     ts_meta = read_tile_store(store).meta
     cfg = ExtractConfig(batch_size=a.batch_size, num_workers=a.workers, device=a.device)
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     default_threads = torch.get_num_threads()
     w0, h0 = ts_meta.level0_size
     print(f"slide {slide} {w0}x{h0} ({slide.stat().st_size / 2**20:.0f} MiB), tiles {ts_meta.n_tiles}, "

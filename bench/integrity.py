@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.slide_files import fingerprint, legacy_fingerprint  # noqa: E402
+from pipeline.slides.files import fingerprint, legacy_fingerprint  # noqa: E402
 from pipeline.store import (  # noqa: E402
     CHECKSUM_CODEC,
     FEATURE_CODEC,

@@ -49,9 +49,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.bags import assign_groups  # noqa: E402
 from pipeline.models import ModelConfig, create_model  # noqa: E402
 from pipeline.models.abmil import ABMIL  # noqa: E402
-from pipeline.models.grouping import assign_groups  # noqa: E402
 
 TILES = {"20x": 10_000, "10x": 2_500, "5x": 625}
 
@@ -63,7 +63,7 @@ def make_batch(dim: int, n_groups: int, seed: int = 0) -> dict:
     regions = {
         t: torch.arange(n_regions).repeat_interleave(n // n_regions) for t, n in TILES.items()
     }
-    groups = assign_groups(regions["20x"], regions, n_groups)
+    groups = {t: torch.from_numpy(g) for t, g in assign_groups(regions["20x"], regions, n_groups).items()}
     side = int(n_regions**0.5)  # regions on a 25 x 25 grid; a region is 4 x 4 tiles at 20x, 2 x 2 at 10x
     xy = {}
     for t, n in TILES.items():

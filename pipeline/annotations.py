@@ -27,16 +27,14 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
 
+from pipeline.errors import AnnotationError
+
 log = logging.getLogger(__name__)
 
 UNCLASSIFIED = "Unclassified"  # class of a QuPath object without a classification
 # QuPath object types read as annotations by default: `tile` objects are the pipeline's own grid
 # (see pipeline.geojson), not something a person drew.
 ANNOTATION_TYPES = ("annotation", "detection", "cell", "unknown")
-
-
-class AnnotationError(ValueError):
-    """An annotation file cannot be read; `str()` is one line naming the file."""
 
 
 def _polygonal(g: BaseGeometry) -> BaseGeometry:

@@ -28,17 +28,33 @@ class Bag:
     xy: dict[str, torch.Tensor]  # mag -> (N_t, 2) float32 level-0 tile centres (OT spatial cost)
 
 
-def group_index(region_ref: np.ndarray, regions: dict[str, np.ndarray], m: int) -> dict[str, np.ndarray]:
-    """:func:`pipeline.models.grouping.assign_groups` in numpy, with the identical result (tested).
+def assign_groups(region_ref: np.ndarray, regions: dict[str, np.ndarray], m: int) -> dict[str, np.ndarray]:
+    """M2OTCA's E1 groups: group index in [0, m) of every tile of every magnification.
 
-    Bags are loaded in the trainer's prefetch thread; there each small torch op (sort,
-    bucketize) starts an OpenMP team of its own that spins for ~1 ms of CPU while the
-    training step needs those cores (~7 ms of CPU per slide on 2 cores); numpy runs in the
-    calling thread only.
+    Args:
+        region_ref: (N_ref,) region id of each tile of the finest magnification (the reference).
+        regions: magnification -> (N_t,) region id of each tile (a region is the tissue patch the
+            magnifications share, e.g. one coarse tile; tiles are stored sorted by region id).
+        m: number of groups.
+
+    Returns:
+        magnification -> (N_t,) int64 group index.
+
+    The boundaries are the region ids of the reference tiles at the cumulative-count quantiles
+    ``k * N_ref // m`` (k = 1..m-1); the group of a region id r at ANY magnification is the
+    number of boundaries <= r. Hence groups are runs of consecutive regions (a region is never
+    split), group k covers the same tissue at every magnification, each holds about N_ref / m
+    reference tiles (up to one region's size), a region with no reference tile joins the group
+    of the nearest preceding boundary, and with fewer regions than m some groups are empty (the
+    model masks them, nothing is faked).
+
+    numpy, not torch: bags are loaded in the trainer's prefetch thread, where each small torch op
+    (sort, bucketize) starts an OpenMP team of its own that spins for ~1 ms of CPU while the
+    training step needs those cores (~7 ms of CPU per slide on 2 cores).
     """
     if m < 1:
         raise ValueError(f"number of groups must be >= 1, got {m}")
-    ref = np.sort(np.asarray(region_ref, dtype=np.int64).reshape(-1))
+    ref = np.sort(np.asarray(region_ref, dtype=np.int64).reshape(-1))  # (N_ref,)
     bounds = ref[np.arange(1, m) * len(ref) // m] if len(ref) else ref[:0]  # (m - 1,)
     return {t: np.searchsorted(bounds, np.asarray(r, dtype=np.int64).reshape(-1), side="right").astype(np.int64)
             for t, r in regions.items()}
@@ -69,7 +85,7 @@ def make_bag(slide_id: str, label: int, feats: dict[str, np.ndarray], coords: di
     if sum(len(f) for f in feats.values()) == 0:
         raise SlideError(slide_id, "no tiles with tissue at any magnification")
     ref = order_magnifications(feats)[0]  # the finest magnification defines the groups
-    group = {m: torch.from_numpy(g) for m, g in group_index(regions[ref], regions, n_groups).items()}
+    group = {m: torch.from_numpy(g) for m, g in assign_groups(regions[ref], regions, n_groups).items()}
     side = tile_sides(coords)
     xy = {m: torch.from_numpy((np.asarray(c, np.float64) + side[m] / 2).astype(np.float32).reshape(-1, 2))
           for m, c in coords.items()}
@@ -146,7 +162,7 @@ def collate(bags: list[Bag], mags: list[str]) -> tuple[dict, torch.Tensor]:
     xy (B, N, 2) float32 tile centres.
 
     Built in numpy: collate runs in the trainer's prefetch thread, where torch ops would start
-    a second OpenMP team competing with the training step's (see :func:`group_index`).
+    a second OpenMP team competing with the training step's (see :func:`assign_groups`).
     """
     feats, mask, group, xy = {}, {}, {}, {}
     for m in mags:

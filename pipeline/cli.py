@@ -1,8 +1,10 @@
 """Command line: `python -m pipeline <command>` (also the `m2otca-pipeline` console script).
 
-Every command is a thin wrapper over a library function. A per-slide failure exits non-zero with
-ONE line on stderr naming the slide and the cause (a traceback only with --debug);
-`--record-failure` instead writes a failed store so a workflow goes on with the other slides.
+Every command is a thin wrapper over a library function. Bad input (a `PipelineError`: slide,
+sheet, config or option, annotation file, trained run; or an input file that does not exist)
+exits 2 with ONE line on stderr naming the slide or file and the cause; anything else exits 1,
+also with one line (a traceback only with --debug). `--record-failure` instead writes a failed
+store for a slide error, so a workflow goes on with the other slides.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.errors import ConfigError, SheetError, SlideError, one_line
+from pipeline.errors import ConfigError, PipelineError, RunError, SheetError, SlideError, one_line
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -113,7 +115,7 @@ def _features_arg(values: list[str]) -> dict[str, Path]:
     for v in values:
         mag, _, d = v.partition("=")
         if not d:
-            raise SheetError(f"--features expects MAG=DIR, got {v!r}")
+            raise ConfigError(f"--features expects MAG=DIR, got {v!r}")
         out[mag] = Path(d)
     return out
 
@@ -158,14 +160,17 @@ def _train(args: argparse.Namespace) -> int:
     """Train one model on one fold, early-stopped on validation AUC."""
     from pipeline.bags import cohort_cache, feature_fingerprints
     from pipeline.config import json_options, load_config
+    from pipeline.models import MODEL_NAMES, ModelConfig
     from pipeline.splits import read_splits
     from pipeline.store import read_feature_meta
     from pipeline.train import TrainConfig, train_fold
 
+    if args.model not in MODEL_NAMES:
+        raise ConfigError(f"--model {args.model!r}: unknown model; choose one of {', '.join(MODEL_NAMES)}")
     block = json_options(args.training, "--training") if args.training is not None else load_config(args.config).get("training")
     cfg = TrainConfig.from_dict(block)
     feature_dirs = _features_arg(args.features)
-    cache, classes = cohort_cache(args.sheet, feature_dirs, cfg.model.get("n_groups", 30))
+    cache, classes = cohort_cache(args.sheet, feature_dirs, ModelConfig.from_dict(cfg.model).n_groups)
     splits = read_splits(args.splits)
     part = dict(zip(splits["slide_id"], splits[args.fold]))
     train_ids = cache.usable([s for s, v in part.items() if v == "train"])
@@ -275,7 +280,7 @@ def _heatmap_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiles-dir", required=True, help="folder of the tile stores")
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.add_argument("--slides", default="", help="comma-separated slide ids to draw (when in this fold)")
-    p.add_argument("--n", type=int, default=4, help="also draw up to N more test slides, balanced by label")
+    p.add_argument("--n", type=int, default=2, help="also draw up to N more test slides, balanced by label")
 
 
 @command("heatmaps", _heatmap_args)
@@ -421,7 +426,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.summary:
         write_tsv(args.summary, summarize_predictions([out / m / "metrics.json" for m in metrics]))
     if not metrics:
-        raise SheetError(f"trained run {args.run}: none of the models {models} can be used")
+        raise RunError(f"trained run {args.run}: none of the models {models} can be used")
     if not any(m["n_slides"] for m in metrics.values()):
         raise SheetError(f"{args.sheet}: no slide could be predicted (see {out}/*/refused.tsv)")
     return 0
@@ -519,10 +524,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.captureWarnings(True)  # warnings go to the log (stdout); stderr is for the error line
     try:
         return int(args.func(args) or 0)
-    except (SlideError, SheetError) as e:
+    except PipelineError as e:
         if args.debug:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # an input named on the command line (or in the sheet) is not there
+        if args.debug:
+            raise
+        print(f"error: {e.filename or one_line(e)}: file not found", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

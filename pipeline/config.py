@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ConfigError, SheetError
+from pipeline.errors import ConfigError
 
 
 def checked_options(cls, d: dict[str, Any] | None, section: str) -> dict[str, Any]:
@@ -122,17 +122,17 @@ class TilingConfig:
             check_value("tiling.magnifications", str(name), mpp, "number", 0, None, True)
         mags = list(self.magnifications.items())
         if not mags:
-            raise SheetError("tiling.magnifications: at least one magnification is required")
+            raise ConfigError("tiling.magnifications: at least one magnification is required")
         for (_, fine), (name, coarse) in zip(mags, mags[1:]):
             if abs(coarse / fine - 2.0) > 1e-6:
-                raise SheetError(
+                raise ConfigError(
                     f"tiling.magnifications: {name} must be exactly 2x coarser than the one before it "
                     f"(nested grid), got {fine} -> {coarse} µm/px"
                 )
         if not 0.0 <= self.tissue_threshold <= 1.0:
-            raise SheetError(f"tiling.tissue_threshold must be in [0, 1], got {self.tissue_threshold}")
+            raise ConfigError(f"tiling.tissue_threshold must be in [0, 1], got {self.tissue_threshold}")
         if self.tile_size < 16:
-            raise SheetError(f"tiling.tile_size must be >= 16, got {self.tile_size}")
+            raise ConfigError(f"tiling.tile_size must be >= 16, got {self.tile_size}")
 
     @property
     def mag_names(self) -> list[str]:

@@ -1,10 +1,10 @@
 """Tile encoders: one registry, one loader, one transform contract.
 
-`create_encoder(name, weights)` returns `(model, transform, out_dim, precision)`:
-the model in eval mode on the CPU, a per-tile transform (RGB uint8 (H, W, 3) numpy ->
-float32 (3, S, S) tensor), the feature width, and the autocast dtype to use on CUDA.
-`build_encoder` returns the model and its `EncoderSpec`; the spec also normalises whole
-uint8 batches on the GPU (`batch_transform`) and describes itself for store attributes.
+`build_encoder(name, weights)` returns the model in eval mode on the CPU and its
+`EncoderSpec`: a per-tile `transform` (RGB uint8 (H, W, 3) numpy -> float32 (3, S, S) tensor),
+the feature width `out_dim`, the autocast dtype `precision` to use on CUDA; the spec also
+normalises whole uint8 batches on the GPU (`batch_transform`) and describes itself for store
+attributes.
 
 Registered names: `resnet18_simclr` (DSMIL's SimCLR ResNet-18), `uni` (UNI ViT-L/16), the
 foundation models of `pipeline.foundation` (`uni2_h`, `virchow2`, `h_optimus_0`, `h_optimus_1`,
@@ -398,10 +398,3 @@ def build_encoder(name: str, weights: str | Path | None = None, *,
     model.pretrained = spec.pretrained  # type: ignore[assignment]
     return model, spec
 
-
-def create_encoder(name: str, weights: str | Path | None = None, *,
-                   model_kwargs: Mapping[str, Any] | None = None,
-                   ) -> tuple[nn.Module, Callable[[np.ndarray], Tensor], int, torch.dtype]:
-    """(model, transform, out_dim, precision); `transform.__self__` is the EncoderSpec."""
-    model, spec = build_encoder(name, weights, model_kwargs=model_kwargs)
-    return model, spec.transform, spec.out_dim, spec.precision

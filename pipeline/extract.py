@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from pipeline.devices import resolve_device
 from pipeline.errors import SlideError
-from pipeline.slide import fingerprint_matches, open_slide
+from pipeline.slides import fingerprint_matches, open_slide
 from pipeline.store import FeatureStoreMeta, FeatureStoreWriter, read_tile_store
 
 log = logging.getLogger(__name__)
@@ -126,12 +127,6 @@ def make_loader(ds: TileDataset, cfg: ExtractConfig, device: torch.device) -> Da
                       persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class Encoder:
     """The model plus its on-device transform, precision and an OOM-halving batch size."""
 
@@ -205,7 +200,7 @@ def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weig
     unknown = [m for m in mags if m not in ts.tiles]
     if unknown:
         raise SlideError(slide_id, f"magnification(s) {unknown} not in the tile store {tile_store}")
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     enc = enc or Encoder(encoder, weights, device, cfg.compile)
     tiles = {m: ts.tiles[m] for m in mags}
     chunk_rows = cfg.batch_size * cfg.chunk_batches

@@ -30,6 +30,7 @@ from shapely.geometry import MultiPolygon, Polygon, mapping
 from shapely.geometry.base import BaseGeometry
 
 from pipeline.atomic import write_text
+from pipeline.errors import ConfigError
 from pipeline.store import read_tile_store
 
 TISSUE = ("Tissue", [0, 200, 0])
@@ -116,7 +117,7 @@ def slide_features(tile_store: str | Path, mask_png: str | Path | None = None,
     if mask_png is not None:
         mask = cv2.imread(str(mask_png), cv2.IMREAD_GRAYSCALE)
         if mask is None:
-            raise ValueError(f"{mask_png}: not a readable PNG")
+            raise ConfigError(f"mask {mask_png}: not a readable PNG")
         for i, p in enumerate(mask_polygons(mask > 127, a.mask_mpp / a.base_mpp)):
             out.append(feature(p, "annotation", f"{sid}/tissue/{i}", TISSUE, name=f"Tissue {i + 1}",
                                measurements={"Area µm^2": p.area * a.base_mpp ** 2}))

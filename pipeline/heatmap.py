@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import atomic_path
-from pipeline.slide import open_slide
+from pipeline.slides import open_slide
 
 
 def load_attention(npz: str | Path) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:

@@ -347,8 +347,9 @@ def prepare_slides(run: TrainedRun, rows: list[SlideRow], results: str | Path, b
     `results` are missing or disagree with the run (what the workflow's rules do, without it).
     A slide that fails gets a failed store (one logged line) and the others go on."""
     from pipeline.config import TilingConfig
+    from pipeline.devices import resolve_device
     from pipeline.errors import SlideError
-    from pipeline.extract import Encoder, ExtractConfig, extract_features, pick_device
+    from pipeline.extract import Encoder, ExtractConfig, extract_features
     from pipeline.store import write_failed_store
     from pipeline.tile_stage import record_failure, tile_to_store
 
@@ -378,7 +379,7 @@ def prepare_slides(run: TrainedRun, rows: list[SlideRow], results: str | Path, b
                 continue
             try:
                 if name not in encoders:
-                    encoders[name] = Encoder(name, run.weights[name], pick_device(device))
+                    encoders[name] = Encoder(name, run.weights[name], resolve_device(device))
                 extract_features(store, out, name, run.weights[name], slide=str(r.path), mags=mags,
                                  cfg=cfg, enc=encoders[name])
             except SlideError as e:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import StoreError
 from pipeline.store import (
     FeatureStoreMeta,
     FeatureStoreWriter,
@@ -369,7 +370,9 @@ def make_cohort(out_dir: str | Path, cfg: SynthConfig | None = None, failed_slid
     sheet.write_text("\n".join(lines) + "\n")
     want["kinds"] = kinds
     marker.write_text(json.dumps(want, indent=1))
-    assert all(store_status(feature_dir / f"{s}.zarr") in ("ok", "failed") for s in ids)
+    unfinished = [s for s in ids if store_status(feature_dir / f"{s}.zarr") not in ("ok", "failed")]
+    if unfinished:  # every slide gets a finished store, or the cohort is not what the tests think
+        raise StoreError(f"synthetic cohort {out}: stores of {unfinished[:3]} are not finished")
     return SynthCohort(sheet, feature_dir, ids, {s: cfg.classes[k] for s, k in zip(ids, labels)}, kinds,
                        list(cfg.classes))
 

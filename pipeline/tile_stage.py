@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.config import TilingConfig
 from pipeline.errors import SlideError
 from pipeline.qc import qc_image, write_mask_png, write_png
-from pipeline.slide import fingerprint, open_slide
+from pipeline.slides import fingerprint, open_slide
 from pipeline.store import TileStoreMeta, write_failed_store, write_tile_store
 from pipeline.tiling import TilingResult, tile_slide
 

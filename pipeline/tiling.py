@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.config import TilingConfig
 from pipeline.errors import SlideError
-from pipeline.slide import Slide, SlideInfo
+from pipeline.slides import Slide, SlideInfo
 from pipeline.store.contract import TileSet
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from pipeline import __version__
 from pipeline.atomic import atomic_path, json_safe, write_text, write_tsv
 from pipeline.bags import BagCache, collate
-from pipeline.config import checked_options
+from pipeline.config import check_model_options, checked_options
+from pipeline.devices import resolve_device
 from pipeline.metrics import classification_metrics
 from pipeline.models import ModelConfig, create_model
 from pipeline.models.diagnostics import cross_attention_stats
@@ -60,7 +61,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> TrainConfig:
-        return cls(**checked_options(cls, d, "training"))
+        d = checked_options(cls, d, "training")
+        check_model_options(d.get("model"))  # a ConfigError naming the key, before any work
+        return cls(**d)
 
 
 def seed_everything(seed: int) -> None:
@@ -70,16 +73,6 @@ def seed_everything(seed: int) -> None:
     os.environ["PYTHONHASHSEED"] = str(seed)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at CUDA init)
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"training device {name!r} asked for, but this machine has no usable CUDA device")
-    return dev
 
 
 def to_device(batch: dict, labels: torch.Tensor, device: torch.device) -> tuple[dict, torch.Tensor]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import SheetError
+from pipeline.errors import RunError
 from pipeline.store import store_state
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 ENCODER_KEYS = ("encoder", "weights_sha256", "out_dim", "input_size", "mean", "std", "transform", "tile_size")
 # Tiling parameters that never change which tiles are kept or where (memory knobs only).
 TILING_IGNORED = ("max_read_pixels",)
-
-
-class RunError(SheetError):
-    """The trained run cannot be used for prediction (incomplete, inconsistent, weights moved)."""
 
 
 @dataclass

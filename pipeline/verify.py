@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import store as st
-from pipeline.slide_files import fingerprint, fingerprint_matches
+from pipeline.slides.files import fingerprint, fingerprint_matches
 from pipeline.tiling import Grid
 
 # severity -> does it make `verify` fail?

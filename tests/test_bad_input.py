@@ -23,8 +23,8 @@ from pipeline.config import TilingConfig
 from pipeline.errors import ConfigError, SheetError, SlideError
 from pipeline.extract import ExtractConfig, extract_features
 from pipeline.sheet import SlideRow, parse_sheet
-from pipeline.slide import open_slide
-from pipeline.slide_files import fingerprint, fingerprint_matches, legacy_fingerprint
+from pipeline.slides import open_slide
+from pipeline.slides.files import fingerprint, fingerprint_matches, legacy_fingerprint
 from pipeline.splits import check_splittable, make_splits
 from pipeline.store import read_feature_store, read_tile_store, store_status
 from pipeline.tile_stage import tile_to_store
@@ -392,7 +392,7 @@ def test_tiling_options_agree_with_the_schema():
             try:
                 TilingConfig.from_dict({name: v})
                 ours = True
-            except SheetError as e:
+            except ConfigError as e:
                 assert "\n" not in str(e) and f"tiling.{name}" in str(e) or name == "magnifications", str(e)
                 ours = False
             assert ours == schema_ok, f"tiling.{name} = {v!r}: schema {'accepts' if schema_ok else 'refuses'} it"
@@ -407,6 +407,34 @@ def test_tiling_options_agree_with_the_schema():
 def test_cli_tiling_values_are_one_line_errors(cmu, tmp_path, tiling, msg):
     r = cli("tile", str(cmu), "--out", str(tmp_path / "x.zarr"), "--tiling", tiling)
     assert r.returncode == 2 and msg in one_error_line(r)
+
+
+def _train_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["train", "--sheet", str(tmp_path / "s.tsv"), "--splits", str(tmp_path / "sp.tsv"), "--fold", "fold_0",
+            "--out", str(tmp_path / "out"), *extra]
+
+
+@pytest.mark.parametrize("case", ["sheet", "model", "features", "model key", "input file", "run"])
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, case):
+    """Bad input of every kind (sheet, option, config, missing file, trained run): exit 2 and
+    one `error:` line naming the file or option, never a traceback nor the exit 1 of a crash."""
+    from pipeline.cli import main
+
+    argv, msg = {
+        "sheet": (["splits", "--sheet", str(tmp_path / "none.tsv"), "--out", str(tmp_path / "sp.tsv")],
+                  "slide sheet"),
+        "model": (_train_args(tmp_path, "--model", "nope", "--features", "20x=f"), "--model 'nope': unknown model"),
+        "features": (_train_args(tmp_path, "--model", "abmil_3", "--features", "20x"), "--features expects MAG=DIR"),
+        "model key": (_train_args(tmp_path, "--model", "abmil_3", "--features", "20x=f", "--training",
+                                  '{"model": {"n_group": 4}}'), "unknown model config key(s) ['n_group']"),
+        "input file": (["heatmaps", "--fold-dir", str(tmp_path / "fold"), "--tiles-dir", str(tmp_path),
+                        "--out", str(tmp_path / "h")], "attention.npz: file not found"),
+        "run": (["predict", "--run", str(tmp_path / "run"), "--sheet", str(tmp_path / "s.tsv"),
+                 "--results", str(tmp_path)], "trained run"),
+    }[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
 
 
 @pytest.mark.parametrize("text, msg", [

@@ -26,7 +26,6 @@ from pipeline.encoders import (
     RandomInitWarning,
     architecture,
     build_encoder,
-    create_encoder,
     weights_sha256,
 )
 from pipeline.foundation import FOUNDATION_MODELS
@@ -89,7 +88,8 @@ def test_dsmil_simclr_checkpoint_matches_reference(tmp_path, simclr, wrap):
     path = tmp_path / "model.pth"
     torch.save(obj, path)
 
-    model, transform, out_dim, precision = create_encoder("resnet18_simclr", path)
+    model, spec = build_encoder("resnet18_simclr", path)
+    transform, out_dim, precision = spec.transform, spec.out_dim, spec.precision
     x = torch.stack([transform(t) for t in _tiles(size=96)])  # (2, 3, 96, 96): any size, no resize
     with torch.inference_mode():
         got, want = model(x), simclr(x)
@@ -166,7 +166,8 @@ def test_uni_state_dict_loads_strictly_and_matches_reference(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.save(ref.state_dict(), path)
 
-    model, transform, out_dim, precision = create_encoder("uni", path, model_kwargs=SMALL_UNI)
+    model, spec = build_encoder("uni", path, model_kwargs=SMALL_UNI)
+    transform, out_dim, precision = spec.transform, spec.out_dim, spec.precision
     x = torch.stack([transform(t) for t in _tiles()])  # (2, 3, 224, 224)
     with torch.inference_mode():
         assert torch.equal(model(x), ref(x))
@@ -255,8 +256,8 @@ def test_uni_spec_is_imagenet_224():
 def test_each_encoder_gives_out_dim_without_nan(name):  # foundation models: tests/test_foundation.py
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomInitWarning)  # UNI: 2 blocks, real width and head
-        model, transform, out_dim, precision = create_encoder(
-            name, model_kwargs=SMALL_UNI if name == "uni" else None)
+        model, spec = build_encoder(name, model_kwargs=SMALL_UNI if name == "uni" else None)
+    transform, out_dim, precision = spec.transform, spec.out_dim, spec.precision
     with torch.inference_mode():
         feats = model(transform(_tiles(1)[0])[None])  # (1, out_dim)
     assert feats.shape == (1, out_dim) and torch.isfinite(feats).all()

@@ -127,7 +127,7 @@ def test_unreadable_tile_fails_slide_naming_coords_or_is_recorded(tmp_path):
 
     one = TileSet(coords=np.array([[0, 0]]), grid=np.array([[0, 0]], np.int32), tissue=np.ones(1, np.float32),
                   region=np.zeros(1, np.int32), parent=np.array([-1]))
-    from pipeline.slide import fingerprint
+    from pipeline.slides import fingerprint
 
     write_tile_store(store, {"20x": one}, TileStoreMeta(slide_id="unreadable", slide_path=str(slide), base_mpp=0.499,
                                                          slide_fingerprint=fingerprint(slide),

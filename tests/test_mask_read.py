@@ -12,7 +12,8 @@ from conftest import tissue_image, write_tiff
 from pipeline import tiling
 from pipeline.config import TilingConfig
 from pipeline.qc import tile_outlines
-from pipeline.slide import SlideInfo, _composite_white, open_slide
+from pipeline.slides import SlideInfo, open_slide
+from pipeline.slides.base import composite_white
 from pipeline.tiling import MASK_FINEST_MPP, make_grid, mask_resolution, tile_grid, tile_slide
 from pipeline.tissue import saturation, tissue_mask_from_saturation
 
@@ -122,14 +123,14 @@ def test_tiles_agree_across_mask_resolutions(tmp_path):
     assert len(kept[0] & kept[1]) / len(kept[0] | kept[1]) > 0.9
 
 
-def test_composite_white():
+def testcomposite_white():
     rgba = np.zeros((2, 3, 4), np.uint8)
     rgba[..., :3] = (10, 200, 30)
     rgba[0, :, 3] = 255  # opaque row: the colour as is
     rgba[1, 0, 3] = 0  # transparent: white
     rgba[1, 1, 3] = 128  # half: halfway to white
     rgba[1, 2, 3] = 255
-    rgb = _composite_white(rgba)
+    rgb = composite_white(rgba)
     assert rgb.shape == (2, 3, 3) and rgb.flags.c_contiguous
     np.testing.assert_array_equal(rgb[0], [[10, 200, 30]] * 3)
     np.testing.assert_array_equal(rgb[1, 0], [255, 255, 255])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.bags import assign_groups as assign_groups_np
 from pipeline.models import MODEL_NAMES, ModelConfig, create_model
 from pipeline.models.diagnostics import cross_attention_stats, plan_stats, weight_stats
-from pipeline.models.grouping import assign_groups
 from pipeline.models.layers import group_centroids
 from pipeline.models.ot import prototype_cost, sinkhorn, spatial_cost
 
@@ -17,6 +17,11 @@ N_CLASSES = 3
 M = 6
 TILES_PER_REGION = {"20x": 4, "10x": 2, "5x": 1}  # at most, per region
 PER_SIDE = {"20x": 4, "10x": 2, "5x": 1}  # grid cells per region side (nested grid)
+
+
+def assign_groups(region_20x: torch.Tensor, regions: dict[str, torch.Tensor], m: int) -> dict[str, torch.Tensor]:
+    """The loader's group assignment (pipeline.bags), as tensors for the models."""
+    return {t: torch.from_numpy(g) for t, g in assign_groups_np(region_20x, regions, m).items()}
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -444,18 +449,19 @@ def test_grouping_same_boundaries_and_balanced():
 def test_grouping_region_without_20x_tile_joins_preceding_group():
     r20 = torch.tensor([0, 0, 2, 2, 4, 4, 6, 6])
     r10 = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
-    g = assign_groups(r20, {"10x": r10}, 4)
+    g = assign_groups(r20, {"20x": r20, "10x": r10}, 4)
     assert torch.equal(g["20x"], torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     assert torch.equal(g["10x"], torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
 
 
 def test_grouping_fewer_regions_than_groups():
     r20 = torch.tensor([3, 3, 3, 8, 8])
-    g = assign_groups(r20, {"5x": torch.tensor([3, 8])}, 30)
+    g = assign_groups(r20, {"20x": r20, "5x": torch.tensor([3, 8])}, 30)
     assert g["20x"].min() >= 0 and g["20x"].max() < 30
     assert g["20x"].unique().numel() == 2  # two regions -> two non-empty groups, the rest empty
     assert torch.equal(g["5x"], g["20x"][[0, 3]])
-    empty = assign_groups(torch.empty(0, dtype=torch.long), {"5x": torch.tensor([1, 2])}, 5)
+    none = torch.empty(0, dtype=torch.long)
+    empty = assign_groups(none, {"20x": none, "5x": torch.tensor([1, 2])}, 5)
     assert empty["20x"].numel() == 0 and (empty["5x"] == 0).all()
 
 

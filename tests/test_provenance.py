@@ -102,3 +102,13 @@ def test_file_sha256(tmp_path):
     p = tmp_path / "w.bin"
     p.write_bytes(data)
     assert file_sha256(p) == hashlib.sha256(data).hexdigest()
+
+
+def test_tile_fingerprint_covers_every_slide_reader():
+    """The readers are imported by name in the factory's registry, so every one is in the
+    fingerprint of the stages that open slides (a lazy, string-named import would not be)."""
+    pkg = Path(provenance.__file__).parent
+    readers = {p.relative_to(pkg).as_posix() for p in (pkg / "slides").glob("*.py")}
+    for command in ("tile", "extract", "heatmaps"):
+        files = {p.relative_to(pkg).as_posix() for p in command_files(command)}
+        assert readers <= files, (command, readers - files)

@@ -8,7 +8,7 @@ import tifffile
 from conftest import shared_slide, tissue_image, write_tiff
 
 from pipeline.errors import SlideError
-from pipeline.slide import fingerprint, open_slide, resolve_mpp
+from pipeline.slides import fingerprint, open_slide, resolve_mpp
 
 
 def test_svs_metadata_and_read(cmu):
@@ -100,8 +100,8 @@ def test_dicom_reads_with_its_own_mpp():
 
 
 @pytest.mark.parametrize("name,cause", [
-    ("broken/broken.svs", "neither OpenSlide nor tifffile can open it"),
-    ("broken/unopenable.tiff", "Unsupported TIFF compression"),
+    ("broken/broken.svs", r"no reader can open it \(tifffile: TiffFileError: .*; dicom, openslide: not their format\)"),
+    ("broken/unopenable.tiff", r"no reader can open it \(openslide: Unsupported TIFF compression: 52479; tifffile: "),
 ])
 def test_broken_files_fail_on_open(name, cause):
     with pytest.raises(SlideError, match=cause) as e:
@@ -172,7 +172,7 @@ def test_jpeg2000_tiff_read_by_tifffile(tmp_path):
 def test_huge_single_level_slide_is_read_in_bounded_blocks(tmp_path, monkeypatch):
     """No whole-level read: every read while masking stays under max_read_pixels."""
     from pipeline.config import TilingConfig
-    from pipeline.slide import TiffSlide
+    from pipeline.slides.tiff_reader import TiffSlide
     from pipeline.tiling import tile_slide
 
     path = write_tiff(tmp_path / "big.tif", tissue_image(3000, 4000), mpp=0.25, tiled=False)
@@ -189,3 +189,32 @@ def test_huge_single_level_slide_is_read_in_bounded_blocks(tmp_path, monkeypatch
         res = tile_slide(s, TilingConfig(max_read_pixels=cap))
     assert len(sizes) > 10 and max(sizes) <= cap * 1.05
     assert len(res.tiles["20x"]) > 0
+
+
+def test_dicom_found_by_content_not_extension(tmp_path):
+    """A folder of `.dicom` files (as Google's wsi-to-dicom-converter names them), or of files with
+    no extension, opens; a file is DICOM by its "DICM" marker, whatever its name."""
+    import shutil
+
+    from pipeline.slides import READERS
+    from pipeline.slides.dicom import is_dicom
+
+    src = shared_slide("dicom-camelyon/multiframe_camelyon_challenge_image.dcm")
+    for name in ("level-0.dicom", "level-0"):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        shutil.copy(src, folder / name)
+        (folder / "notes.txt").write_text("not a slide")  # a stray file next to the series is ignored
+        assert is_dicom(folder / name) and not is_dicom(folder / "notes.txt")
+        with open_slide(folder) as s:
+            assert s.info.vendor == "dicom" and s.info.width == 1152 and s.info.path == str(folder)
+            assert s.read(0, 0, 64, 60.0).std() > 0
+    fake = tmp_path / "fake.dcm"  # the extension alone makes nothing DICOM
+    fake.write_bytes(b"\0" * 200)
+    assert not is_dicom(fake) and not is_dicom(tmp_path)
+    empty = tmp_path / "no_dicom"
+    empty.mkdir()
+    (empty / "a.dcm").write_bytes(b"\0" * 128 + b"DIC")  # a truncated marker
+    with pytest.raises(SlideError, match="no_dicom: folder holds no DICOM whole-slide image"):
+        open_slide(empty)
+    assert list(READERS) == ["dicom", "openslide", "tifffile"]  # the documented order

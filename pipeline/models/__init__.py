@@ -32,7 +32,6 @@ from torch import nn
 
 from .abmil import ABMIL, ABMIL3, CLAMSB3
 from .config import PAPER_CROSS_ATTENTION, ModelConfig
-from .grouping import assign_groups
 from .m2otca import M2OTCA
 from .ot import sinkhorn
 from .transmil import TransMIL, TransMIL3
@@ -88,7 +87,6 @@ __all__ = [
     "MODEL_NAMES",
     "ModelConfig",
     "create_model",
-    "assign_groups",
     "sinkhorn",
     "M2OTCA",
     "ABMIL",

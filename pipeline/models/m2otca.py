@@ -4,8 +4,9 @@ Zhu, Meijering & Wang, Medical Image Analysis 112 (2026) 104082. Per magnificati
 (20x = finest = reference, then 10x, 5x), batched over B padded bags:
 
 - E1: ``Linear(D_t, d) -> ReLU -> Dropout`` per tile, gated-attention scores, segment softmax
-  inside each of the m groups (same tissue at every magnification, see ``grouping.py``) as a
-  masked softmax over a (B, m, N) group-membership mask, then one ``bmm`` of those weights
+  inside each of the m groups (same tissue at every magnification, see
+  ``pipeline.bags.assign_groups``) as a masked softmax over a (B, m, N) group-membership
+  mask, then one ``bmm`` of those weights
   with the tile embeddings (``layers.segment_attention_pool``) -> prototypes P1_t (B, m, d);
   empty groups are masked.
 - E2: gated-attention MIL over the valid prototypes -> branch logits y_t (B, C), attention (B, m).

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.errors import SlideError, one_line
+from pipeline.errors import SlideError, StoreError, one_line
 from pipeline.store import zarr_io
 from pipeline.store.contract import (
     CHECKSUM_CODEC,
@@ -118,11 +118,11 @@ class FeatureStoreWriter:
     def write(self, mag: str, start: int, feats: np.ndarray, failed: np.ndarray) -> None:
         """Write rows [start, start + len) and commit them; `start` must be where the last write ended."""
         if start != self.progress[mag]:  # a caller bug, never user data: rows must be written in order
-            raise RuntimeError(f"{self.final.name} {mag}: expected rows from {self.progress[mag]}, got {start}")
+            raise StoreError(f"{self.final.name} {mag}: expected rows from {self.progress[mag]}, got {start}")
         end = start + len(feats)
         feats = np.asarray(feats, dtype=np.float16)
         if nonfinite_rows(feats).any():  # the extractor names the tile; this guards the layout
-            raise ValueError(f"{self.final.name} {mag}: non-finite features in rows {start}-{end}")
+            raise StoreError(f"{self.final.name} {mag}: non-finite features in rows {start}-{end}")
         g = self.root[mag]
         with zarr.config.set({"array.write_empty_chunks": True}):  # a missing chunk = a lost chunk
             g["features"][start:end] = feats
