@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,11 @@ class _ModelPredictions:
                 continue
             m = fast_metrics(self.y[r], self.prob[r], len(self.classes))
             out.append(tuple(m[k] for k in METRICS))
-        return np.mean(out, axis=0) if out else np.full(len(METRICS), np.nan)
+        if not out:
+            return np.full(len(METRICS), np.nan)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():  # a metric no fold defines: NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(np.asarray(out, float), axis=0)  # folds where a resample drew one class skip AUC
 
     def ci(self, n_resamples: int, seed: int = 0) -> dict[str, tuple[float, float]]:
         low, high = patient_bootstrap(self.patient, self.metrics, n_resamples=n_resamples, seed=seed)

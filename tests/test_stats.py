@@ -136,6 +136,23 @@ def test_summary_cross_validation_uses_the_corrected_ttest_and_bootstrap_cis(tmp
     assert np.isnan(t.loc["m2otca", "p_auc_vs_m2otca"]) if "p_auc_vs_m2otca" in t else True
 
 
+def test_auc_ci_on_small_folds(tmp_path):
+    """Folds of 4-5 test slides (the demo's): many resamples draw one class in some fold; the
+    AUC interval comes from the folds that have both, not from none at all."""
+    slides = [f"s{i}" for i in range(24)]
+    labels = np.arange(24) % 2
+    splits = pd.DataFrame({"slide_id": slides, "patient_id": slides, "label": labels})
+    files = []
+    for f in range(5):
+        test = np.arange(24) % 5 == f
+        splits[f"fold_{f}"] = np.where(test, "test", "train")
+        p1 = np.where(labels[test] == 1, 0.8, 0.3) + 0.01 * np.arange(test.sum())
+        files.append(_write_fold(tmp_path, "m2otca", f"fold_{f}", np.array(slides)[test], labels[test], p1))
+    splits.to_csv(tmp_path / "splits.tsv", sep="\t", index=False)
+    t = summarize(files, "m2otca", tmp_path / "splits.tsv", n_resamples=200)[1].set_index("model")
+    assert t.loc["m2otca", "auc_ci_low"] == 1.0 and t.loc["m2otca", "auc"] == "1.000 ± 0.000 [1.000, 1.000]"
+
+
 def test_summary_fixed_test_set_uses_delong(tmp_path):
     rng = np.random.default_rng(5)
     slides = np.array([f"t{i}" for i in range(80)])
