@@ -12,7 +12,7 @@ At N = 10,000 / 2,500 / 625 tiles (20x / 10x / 5x), D = 512, B = 1:
   through ``pipeline.train.train_epoch`` with its background prefetch), divided by the sum of
   the same steps' compute alone (forward, backward, Adam; timed in a second pass over the same
   batches in the same order, every bag already in RAM, nothing loading); goal <= 1.2. The
-  cohort comes from ``pipeline.synthbags`` (D = 512, 20-200 regions per slide, i.e. ~300-3,200
+  cohort comes from ``pipeline.synthetic.bags`` (D = 512, 20-200 regions per slide, i.e. ~300-3,200
   20x and ~400-4,100 tiles in all per slide, ~0.6 GB of float16 features in 1,024-row chunks
   as extraction writes them), cached under ``--cohort-dir`` (the first run writes it, ~20 s).
   The measured epoch is the FIRST one, with a cold ``BagCache``: the only epoch that reads
@@ -183,7 +183,7 @@ def measure_epoch_ratio(
 
     from pipeline.bags import cohort_cache
     from pipeline.store import FEATURE_CODEC
-    from pipeline.synthbags import SynthConfig, make_cohort
+    from pipeline.synthetic.bags import SynthConfig, make_cohort
     from pipeline.train import TrainConfig, make_optimizer, train_epoch
 
     if n_slides <= 0:
