@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipeline.errors import SlideError
 from pipeline.slide import fingerprint_matches, open_slide
@@ -65,17 +65,6 @@ class TileDataset(Dataset):
             return torch.zeros((self.size, self.size, 3), dtype=torch.uint8), e.cause
 
 
-def collate(items):
-    tiles = [im for im, _ in items]
-    out = None
-    if get_worker_info() is not None:  # stack straight into shared memory, as default_collate does:
-        first = tiles[0]  # the batch then crosses to the main process without another copy
-        storage = first._typed_storage()._new_shared(len(tiles) * first.numel(), device=first.device)
-        out = first.new(storage).resize_(len(tiles), *first.shape)
-    imgs = torch.stack(tiles, out=out)  # (B, S, S, 3) uint8
-    return imgs, [err for _, err in items]
-
-
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (mallopt/malloc_trim), else None (musl, macOS, Windows)."""
@@ -118,11 +107,15 @@ def trim_heap() -> None:
 
 
 def make_loader(ds: TileDataset, cfg: ExtractConfig, device: torch.device) -> DataLoader:
-    """The DataLoader the extractor iterates (also used by bench/extract.py for decode-only)."""
+    """The DataLoader the extractor iterates (also used by bench/extract.py for decode-only).
+
+    Batches are (uint8 (B, S, S, 3), B error strings) from torch's `default_collate`, which in a
+    worker stacks the tiles straight into shared memory, so a batch reaches this process
+    without another copy (pinned by tests/test_private_apis.py)."""
     if cfg.num_workers > 0:
         trim_heap()  # workers fork at iter(), right after this
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
-                      collate_fn=collate, pin_memory=device.type == "cuda",
+                      collate_fn=default_collate, pin_memory=device.type == "cuda",
                       persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
 
 
