@@ -1,6 +1,6 @@
 """Benchmark: cohort feature QC (``pipeline.cohort_qc``) memory and time against cohort size.
 
-Writes a synthetic cohort of feature stores once (``pipeline.synthbags``, through the pipeline's
+Writes a synthetic cohort of feature stores once (``pipeline.synthetic.bags``, through the pipeline's
 own ``FeatureStoreWriter``; D = 512, ~190-320 20x tiles per slide plus their 10x and 5x tiles,
 chunked as extraction writes them), cached under ``--cache``. Then, for each size in ``--sizes``,
 a fresh child process runs the whole QC (Dask statistics of every store, PCA, outliers, a
@@ -29,14 +29,14 @@ CACHE = Path("/tmp/m2otca_bench_cohort_qc")
 
 
 def synth_config(n: int, dim: int):
-    from pipeline.synthbags import SynthConfig
+    from pipeline.synthetic.bags import SynthConfig
 
     return SynthConfig(n_slides=n, dim=dim, regions=(12, 20), lesion_regions=(2, 3), seed=0)
 
 
 def build(cache: Path, n: int, dim: int) -> Path:
     """The cohort's folder (written once, reused while its config is unchanged)."""
-    from pipeline.synthbags import make_cohort
+    from pipeline.synthetic.bags import make_cohort
 
     t = time.perf_counter()
     cohort = make_cohort(cache / f"n{n}-d{dim}", synth_config(n, dim))
@@ -50,7 +50,7 @@ def child(folder: Path, n: int, workers: int) -> None:
 
     from pipeline.cohort_qc import QCConfig, cohort_qc
     from pipeline.sheet import read_sheet
-    from pipeline.synthbags import MAGS
+    from pipeline.synthetic.bags import MAGS
 
     rows = read_sheet(folder / "slides.tsv", check_files=False)[:n]
     rng = np.random.default_rng(0)

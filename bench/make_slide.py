@@ -2,7 +2,7 @@
 
 The slide is a mosaic of 1024-px crops of CMU-1-Small-Region.svs (random crop, rotation and
 flip per cell, so it is not trivially periodic) inside a few irregular tissue pieces on a
-glass-coloured background, streamed tile by tile with `pipeline.synth.write_pyramid_tiff`.
+glass-coloured background, streamed tile by tile with `pipeline.synthetic.slides.write_pyramid_tiff`.
 Each pyramid level is assembled from crops pre-downsampled once, never from level 0.
 
     python bench/make_slide.py OUT.tiff [--width 100000 --height 80000] [--source SVS]
@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.synth import level_shapes, write_pyramid_tiff  # noqa: E402
+from pipeline.synthetic.slides import level_shapes, write_pyramid_tiff  # noqa: E402
 
 DEFAULT_SOURCE = ROOT.parent / "shared" / "slides" / "CMU-1-Small-Region.svs"
 CELL = 1024  # mosaic cell (level-0 px); a multiple of every level's downsample

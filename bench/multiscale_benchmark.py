@@ -1,6 +1,6 @@
 """Decisive multi-scale benchmark: does a model use WHERE the evidence sits across magnifications?
 
-Synthetic slides (:mod:`pipeline.synthbags`) whose label rule is known, turned into bags by
+Synthetic slides (:mod:`pipeline.synthetic.bags`) whose label rule is known, turned into bags by
 :func:`pipeline.bags.make_bag` (the function that turns a feature store into a bag: E1 groups,
 tile centres), trained and evaluated with :func:`pipeline.train.train_fold` / ``predict``. A
 tumour's evidence is a 20x feature direction on some tiles of a small cluster of regions and a
@@ -57,7 +57,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.synthbags import DECOYS, SynthConfig  # noqa: E402
+from pipeline.synthetic.bags import DECOYS, SynthConfig  # noqa: E402
 
 TASKS = {
     "coloc": dict(decoys=DECOYS, decoy_weights=(0.15, 0.10, 0.25, 0.50)),  # none, fine, coarse, apart
@@ -105,7 +105,7 @@ class Setup:
 def _data(setup: Setup, task: str, seed: int, n_train: int):
     """(cache over train + test bags, train ids, test ids, oracle scores of train and test)."""
     from pipeline.bags import BagCache
-    from pipeline.synthbags import synth_bags
+    from pipeline.synthetic.bags import synth_bags
 
     train, o_train = synth_bags(setup.cohort(task, seed, n_train), setup.n_groups)
     test, o_test = synth_bags(setup.cohort(task, TEST_SEED + seed, setup.test_size), setup.n_groups)

@@ -358,7 +358,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 @command("demo-cohort", _demo_args)
 def _demo(args: argparse.Namespace) -> int:
     """Write the synthetic demo cohort (pyramidal TIFFs + slides.tsv)."""
-    from pipeline.demo import make_demo_cohort
+    from pipeline.synthetic.demo import make_demo_cohort
 
     sheet = make_demo_cohort(Path(args.out), n_slides=args.n, seed=args.seed, scale=args.scale)
     logging.info("demo cohort sheet: %s", sheet)

@@ -150,15 +150,13 @@ def iter_batches(cache: BagCache, chunks: list[list[str]], mags: list[str], pref
         thread.join()
 
 
+FUSED_ADAM_DEVICES = ("cpu", "cuda")  # device types with torch's fused Adam kernel (pinned by tests/test_private_apis.py)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam with (L2) weight decay; the fused kernel where the parameters' device has one."""
     params = list(model.parameters())
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        fused = all(p.device.type in _get_fused_kernels_supported_devices() for p in params)
-    except ImportError:  # older torch
-        fused = False
+    fused = all(p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in params)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 

@@ -197,7 +197,7 @@ def test_metrics_json_is_strict_json_when_auc_is_undefined(tmp_path):
     cross-fold summary still reads it."""
     from pipeline.bags import cohort_cache
     from pipeline.metrics import summarize
-    from pipeline.synthbags import SynthConfig, make_cohort
+    from pipeline.synthetic.bags import SynthConfig, make_cohort
     from pipeline.train import TrainConfig, evaluate_fold, train_fold
 
     c = make_cohort(tmp_path / "c", SynthConfig(n_slides=8, seed=1, dim=8, regions=(4, 6), lesion_regions=(1, 2)))

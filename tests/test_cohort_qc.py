@@ -15,7 +15,7 @@ from pipeline.cli import main
 from pipeline.cohort_qc import QCConfig, cohort_qc, feature_stats
 from pipeline.sheet import SlideRow
 from pipeline.store import TileSet, open_features_dask, read_feature_store, write_failed_store
-from pipeline.synthbags import MAGS, SynthConfig, make_slide, write_slide
+from pipeline.synthetic.bags import MAGS, SynthConfig, make_slide, write_slide
 
 TINY = dict(dim=12, regions=(6, 10), lesion_regions=(1, 2))
 FAST = QCConfig(permutations=50, batch_alpha=0.05)
@@ -76,7 +76,7 @@ def test_empty_thin_failed_and_outlying_slides_are_listed(tmp_path, caplog):
     s.feats = {t: (f.astype(np.float32) + 25.0).astype(np.float16) for t, f in s.feats.items()}
     write_slide(s, tmp_path / f"{rows[3].slide_id}.zarr", chunk_rows=16)
     # no tiles at all; a few tiles (the first region only); a failed store
-    from pipeline.synthbags import SynthSlide
+    from pipeline.synthetic.bags import SynthSlide
 
     empty = SynthSlide("empty", "pe", "normal", "none", _empty_tiles(), {t: np.zeros((0, 12), np.float16) for t in MAGS},
                        {t: np.zeros(0, bool) for t in MAGS})

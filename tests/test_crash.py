@@ -3,7 +3,7 @@
 Two kinds of kill points:
 - timed: `python -m pipeline <stage>` gets SIGKILL after a fraction of the measured duration of
   an uninterrupted run (lands wherever the process happens to be: imports, compute, writes);
-- injected: the same command run through a small driver that wraps one function and SIGKILLs its
+- injected: the same command run through a small driver (tests/killpoints.py) that wraps one function and SIGKILLs its
   own process right before / after the n-th matching call, or after writing only half of the
   file it was writing ("truncate"): the exact moments where a non-atomic write would show.
 After every kill the final outputs must be absent or whole (equal to the reference); after the
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import digest, tissue_image, write_tiff
+from killpoints import run_killed
 
 from pipeline.config import TilingConfig
 from pipeline.store import FeatureStoreMeta, FeatureStoreWriter, TileSet, tiles_digest
@@ -32,44 +33,6 @@ from pipeline.tile_stage import tile_to_store
 from pipeline.verify import verify_results
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-# Runs `python -m pipeline <args>` with one function wrapped: argv[1] is
-# "module:attr[substring]:n:mode"; calls whose arguments' text contains the substring are counted
-# and the n-th one SIGKILLs the process: "before" it runs, "after" it returns, or "truncate"
-# (it runs, then the file it wrote, its first path argument, is cut to half its size).
-DRIVER = r"""
-import importlib, os, re, signal, sys
-from pathlib import Path
-spec, argv = sys.argv[1], sys.argv[2:]
-target, match, n, mode = re.fullmatch(r"([\w.]+:[\w.]+)(?:\[(.*)\])?:(\d+):(before|after|truncate)", spec).groups()
-mod_name, attr = target.split(":")
-owner = importlib.import_module(mod_name)
-*path, name = attr.split(".")
-for p in path:
-    owner = getattr(owner, p)
-real = getattr(owner, name)
-calls = [0]
-def die():
-    sys.stdout.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-def wrapper(*a, **k):
-    if match and not any(match in str(v) for v in a):
-        return real(*a, **k)
-    calls[0] += 1
-    hit = calls[0] == int(n)
-    if hit and mode == "before":
-        die()
-    out = real(*a, **k)
-    if hit and mode == "truncate":
-        f = Path(next(v for v in a if isinstance(v, (str, os.PathLike))))
-        os.truncate(f, f.stat().st_size // 2)
-    if hit:
-        die()
-    return out
-setattr(owner, name, wrapper)
-from pipeline.cli import main
-sys.exit(main(argv))
-"""
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}  # same threads, same floats
 
@@ -79,9 +42,7 @@ def pipeline(*args: str) -> subprocess.CompletedProcess:
 
 
 def injected(spec: str, *args: str) -> int:
-    r = subprocess.run([sys.executable, "-c", DRIVER, spec, *args], capture_output=True, text=True, env=ENV)
-    assert r.returncode == -signal.SIGKILL, f"{spec}: the kill point was never reached (exit {r.returncode}):\n{r.stderr[-2000:]}"
-    return r.returncode
+    return run_killed(spec, *args, env=ENV).returncode
 
 
 def timed(delay: float, *args: str) -> str:
@@ -167,7 +128,7 @@ def test_tile_kill9_then_rerun_is_identical(tmp_path):
 
 
 # --------------------------------------------------------------------------- extraction
-# (test_extract.py kills `extract` at two timed points; this adds a kill inside a chunk write.)
+# (test_extract.py kills `extract` right after committed chunks; this adds a kill inside a chunk write.)
 
 
 @pytest.mark.slow

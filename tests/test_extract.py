@@ -1,16 +1,17 @@
-"""Feature extraction: stores, determinism, resume after kill -9, decode failures, locking."""
+"""Feature extraction: stores, determinism, resume after kill -9 (injected after committed chunks),
+decode failures, locking."""
 
 from __future__ import annotations
 
-import os
-import signal
+import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+import zarr
 from conftest import digest, shared_slide, tissue_image, write_tiff
+from killpoints import run_killed
 
 from pipeline.config import TilingConfig
 from pipeline.errors import SlideError
@@ -66,28 +67,42 @@ def test_only_requested_mags(tiled, tmp_path):
     assert list(feats) == ["10x", "5x"] and meta.magnifications == ("10x", "5x")
 
 
-def test_kill9_resume_is_byte_identical(tiled, tmp_path):
+def _progress_after(counts: dict[str, int], chunk: int, writes: int) -> dict[str, int]:
+    """Rows committed per magnification after `writes` chunk writes (magnifications in order)."""
+    done = dict.fromkeys(counts, 0)
+    for m, n in counts.items():
+        while done[m] < n and writes:
+            done[m], writes = min(done[m] + chunk, n), writes - 1
+    return done
+
+
+def test_kill9_after_committed_chunks_resumes_byte_identical(tiled, tmp_path):
+    """SIGKILL right after the 1st committed chunk, then (resumed) after the last one, before the
+    store is renamed: the .partial store holds exactly the committed chunks each time, and the
+    last run ends byte-identical to an unkilled one."""
     d, _ = tiled
-    ref = tmp_path / "ref.zarr"
-    cmd = [sys.executable, "-m", "pipeline", "extract", str(d / "s.zarr"), "--encoder", "resnet18_simclr",
-           "--batch-size", "8", "--workers", "0"]
-    assert subprocess.run(cmd + ["--out", str(ref)], capture_output=True).returncode == 0
-    out = tmp_path / "out.zarr"
+    batch = 1  # small chunks (batch x chunk_batches rows): the 29 5x tiles make two
+    args = ["extract", str(d / "s.zarr"), "--encoder", "resnet18_simclr", "--batch-size", str(batch),
+            "--workers", "0", "--mags", "5x"]
+    ref, out = tmp_path / "ref.zarr", tmp_path / "out.zarr"
+    assert subprocess.run([sys.executable, "-m", "pipeline", *args, "--out", str(ref)],
+                          capture_output=True).returncode == 0
+    _, ref_feats = read_feature_store(ref)
+    counts = {m: len(f.features) for m, f in ref_feats.items()}
+    chunk = batch * ExtractConfig().chunk_batches
+    assert chunk < counts["5x"] <= 2 * chunk  # two chunks, the second a partial one
     partial = out.with_name(out.name + ".partial")
-    kills = 0
-    for delay in (2.5, 3.5):  # kill -9 at two points mid-run, resume each time
-        p = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + delay + 30
-        while time.time() < deadline and not (partial / "progress.json").exists():
-            time.sleep(0.05)
-        time.sleep(delay - 2.0)
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-            kills += 1
-        assert not out.exists() or p.returncode == 0, "a killed run must not leave a final store"
-    assert kills >= 1
-    r = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True)
+    committed = 0
+    for writes in (1, 1):  # after the first chunk; resumed, after the last one, before the rename
+        run_killed(f"pipeline.store:FeatureStoreWriter.write:{writes}:after", *args, "--out", str(out))
+        committed += writes  # a resumed run continues after the last committed chunk
+        assert not out.exists(), "a killed run must not leave a final store"
+        done = json.loads((partial / "progress.json").read_text())
+        assert done == _progress_after(counts, chunk, committed)
+        for m, rows in done.items():
+            got = zarr.open_array(str(partial / m / "features"), mode="r")[:rows]
+            np.testing.assert_array_equal(got, ref_feats[m].features[:rows])
+    r = subprocess.run([sys.executable, "-m", "pipeline", *args, "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert not partial.exists()
     assert digest(out) == digest(ref)

@@ -21,7 +21,14 @@ from pipeline.predict import PredictConfig, bootstrap_ci, predict_cohort
 from pipeline.sheet import read_sheet
 from pipeline.splits import write_splits
 from pipeline.store import TileSet, TileStoreMeta, write_tile_store
-from pipeline.synthbags import MAGS, SynthConfig, SynthSlide, make_cohort, make_slide, write_slide
+from pipeline.synthetic.bags import (
+    MAGS,
+    SynthConfig,
+    SynthSlide,
+    make_cohort,
+    make_slide,
+    write_slide,
+)
 from pipeline.train import TrainConfig, train_fold
 from pipeline.trained_run import RunError, load_trained_run
 

@@ -15,8 +15,8 @@ import openslide
 import pytest
 from conftest import REPO, shared_slide
 
-from pipeline.demo import E_VEC, H_VEC, MPP, make_demo_cohort
-from pipeline.synth import level_shapes, write_pyramid_tiff
+from pipeline.synthetic.demo import E_VEC, H_VEC, MPP, make_demo_cohort
+from pipeline.synthetic.slides import level_shapes, write_pyramid_tiff
 
 
 def _smooth_image(h: int, w: int) -> np.ndarray:

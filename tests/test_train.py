@@ -1,4 +1,4 @@
-"""Training and evaluation on tiny synthetic cohorts (pipeline.synthbags): splits, padding,
+"""Training and evaluation on tiny synthetic cohorts (pipeline.synthetic.bags): splits, padding,
 reproducibility, early stopping, outputs, summaries, failed stores, multi-class AUC."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pipeline.models import ModelConfig, create_model
 from pipeline.sheet import SlideRow, read_sheet
 from pipeline.splits import fold_names, make_splits, read_splits, write_splits
 from pipeline.store import read_feature_store
-from pipeline.synthbags import MAGS, TILE_PX, SynthConfig, make_cohort, make_slide, synth_bags
+from pipeline.synthetic.bags import MAGS, TILE_PX, SynthConfig, make_cohort, make_slide, synth_bags
 from pipeline.train import TrainConfig, evaluate_fold, iter_batches, predict, train_fold
 
 TINY = dict(dim=16, regions=(12, 24), lesion_regions=(2, 3))

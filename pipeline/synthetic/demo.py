@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from pipeline.atomic import atomic_path, write_text
-from pipeline.synth import array_tile_fn, level_shapes, write_pyramid_tiff
+from pipeline.synthetic.slides import array_tile_fn, level_shapes, write_pyramid_tiff
 
 MPP = 0.5  # level-0 µm/px (a 20x scan)
 SIZE_W, SIZE_H = (7200, 9000), (5900, 7400)  # level-0 px at scale 1: ~320 kept 20x tiles per slide
@@ -343,7 +343,7 @@ def write_slide(path: Path, seed: int, index: int, tumor: bool, scale: float = 1
     shapes = level_shapes((h, w), None, 4)
     levels = [rgb] + [cv2.resize(rgb, (s[1], s[0]), interpolation=cv2.INTER_AREA) for s in shapes[1:]]
     write_pyramid_tiff(path, (h, w), array_tile_fn(levels), mpp=MPP, n_levels=len(shapes),
-                       description=f"pipeline.demo synthetic H&E; mpp={MPP}; seed={seed}; slide={index}",
+                       description=f"pipeline.synthetic.demo synthetic H&E; mpp={MPP}; seed={seed}; slide={index}",
                        maxworkers=1)
     return contours
 
@@ -392,7 +392,7 @@ def make_demo_cohort(out_dir: Path, n_slides: int = 24, seed: int = 0, scale: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.demo --out DIR [--n N] [--seed S] [--scale X]`: write the cohort."""
+    """`python -m pipeline.synthetic.demo --out DIR [--n N] [--seed S] [--scale X]`: write the cohort."""
     ap = argparse.ArgumentParser(description="Write the synthetic demo cohort.")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--n", type=int, default=24)

@@ -92,7 +92,7 @@ def write_pyramid_tiff(
     shapes = level_shapes(shape_hw, n_levels, downsample)
     h0, w0 = shapes[0]
     if description is None:
-        description = f"pipeline.synth pyramidal TIFF; mpp={mpp:g}; levels={len(shapes)}"
+        description = f"pipeline.synthetic.slides pyramidal TIFF; mpp={mpp:g}; levels={len(shapes)}"
     bigtiff = sum(h * w * 3 for h, w in shapes) > 2**31  # JPEG shrinks it, but stay safe
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
         for level, (h, w) in enumerate(shapes):
