@@ -15,13 +15,14 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from pipeline.errors import SlideError
+from pipeline.errors import ConfigError, SlideError
 from pipeline.slide import fingerprint_matches, open_slide
 from pipeline.store import FeatureStoreWriter, read_tile_store
 
@@ -180,10 +181,16 @@ class Encoder:
         return torch.cat(out)
 
 
-def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weights: str | None = None,
+def extract_features(tile_store: str | Path, out: str | Path, encoder: str,
+                     weights: str | None | Mapping[str, str | None] = None,
                      slide: str | None = None, mpp: float | None = None, mags: list[str] | None = None,
                      cfg: ExtractConfig | None = None, enc: Encoder | None = None) -> dict[str, int]:
-    """Extract features of every tile of `mags` (default: all) into the feature store `out`."""
+    """Extract features of every tile of `mags` (default: all) into the feature store `out`.
+
+    `weights`: one file for every magnification, or magnification -> file (each its own model,
+    e.g. DSMIL's multiscale embedders or per-magnification SimCLR); the store then records the
+    weights' sha256 (and `pretrained`) per magnification.
+    """
     cfg = cfg or ExtractConfig()
     ts = read_tile_store(tile_store)
     attrs = ts.attrs
@@ -202,7 +209,22 @@ def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weig
     if unknown:
         raise SlideError(slide_id, f"magnification(s) {unknown} not in the tile store {tile_store}")
     device = pick_device(cfg.device)
-    enc = enc or Encoder(encoder, weights, device, cfg.compile)
+    per_mag = dict(weights) if isinstance(weights, Mapping) else {m: weights for m in mags}
+    missing = [m for m in mags if m not in per_mag]
+    if missing:
+        raise ConfigError(f"weights given per magnification, but none for {', '.join(missing)}")
+    encs: dict[str, Encoder] = {}
+    by_file: dict[str | None, Encoder] = {}
+    for m in mags:
+        w = per_mag[m]
+        if w not in by_file:
+            by_file[w] = enc or Encoder(encoder, w, device, cfg.compile)
+        encs[m] = by_file[w]
+    enc = encs[mags[0]]
+    spec_attrs = enc.spec.attrs()
+    if len(by_file) > 1:  # one model per magnification: its weights recorded per magnification
+        for k in ("weights_sha256", "pretrained"):
+            spec_attrs[k] = {m: encs[m].spec.attrs()[k] for m in mags}
     tiles = {m: ts.tiles[m] for m in mags}
     chunk_rows = cfg.batch_size * cfg.chunk_batches
     store_attrs = {
@@ -212,7 +234,7 @@ def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weig
         "tile_size": attrs["tiling"]["tile_size"],
         "target_mpp": {m: attrs["tiling"]["magnifications"][m] for m in mags},
         "on_tile_error": cfg.on_tile_error,
-        **enc.spec.attrs(),
+        **spec_attrs,
     }
     dims = {m: enc.spec.out_dim for m in mags}
     writer = FeatureStoreWriter(out, tiles, dims, store_attrs, chunk_rows=chunk_rows)
@@ -220,7 +242,7 @@ def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weig
         for m in mags:
             _extract_mag(writer, m, slide_path, base_mpp, tiles[m].coords,
                                        attrs["tiling"]["magnifications"][m], attrs["tiling"]["tile_size"],
-                                       enc, cfg, slide_id, device)
+                                       encs[m], cfg, slide_id, device)
         writer.finalize()
     finally:
         writer.close()
