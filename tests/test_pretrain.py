@@ -28,7 +28,7 @@ def stores(tmp_path_factory):
     d = tmp_path_factory.mktemp("pre")
     out = []
     for i in range(2):
-        slide = write_tiff(d / f"s{i}.tif", tissue_image(1600, 1600, seed=10 + i, blobs=4), mpp=0.5, levels=3)
+        slide = write_tiff(d / f"s{i}.tif", tissue_image(1200, 1200, seed=10 + i, blobs=3), mpp=0.5, levels=3)
         tile_to_store(slide, d / f"s{i}.zarr", TilingConfig(tile_size=64))
         out.append(d / f"s{i}.zarr")
     return out
@@ -122,11 +122,28 @@ def test_per_magnification_weights_recorded_in_the_store(stores, tmp_path):
     w = tmp_path / "w.pth"
     s = pretrain(stores, ["20x"], w, PretrainConfig(**{**TINY, "epochs": 1}))
     cfg = ExtractConfig(batch_size=16, num_workers=0)
-    extract_features(stores[0], tmp_path / "f.zarr", "resnet18_simclr", {"20x": str(w), "10x": None, "5x": None},
-                     mags=["20x", "10x", "5x"], cfg=cfg)
-    extract_features(stores[0], tmp_path / "g.zarr", "resnet18_simclr", None, mags=["20x"], cfg=cfg)
+    extract_features(stores[0], tmp_path / "f.zarr", "resnet18_simclr", {"10x": str(w), "5x": None},
+                     mags=["10x", "5x"], cfg=cfg)
+    extract_features(stores[0], tmp_path / "g.zarr", "resnet18_simclr", None, mags=["10x", "5x"], cfg=cfg)
     attrs, feats = read_feature_store(tmp_path / "f.zarr")
-    assert attrs["weights_sha256"] == {"20x": s["sha256"], "10x": None, "5x": None}
-    assert attrs["pretrained"] == {"20x": True, "10x": False, "5x": False}
+    assert attrs["weights_sha256"] == {"10x": s["sha256"], "5x": None}
+    assert attrs["pretrained"] == {"10x": True, "5x": False}
     _, rand = read_feature_store(tmp_path / "g.zarr")
-    assert not np.array_equal(feats["20x"].features, rand["20x"].features)  # the 20x model is the pretrained one
+    assert not np.array_equal(feats["10x"].features, rand["10x"].features)  # 10x: the pretrained model
+    np.testing.assert_array_equal(feats["5x"].features, rand["5x"].features)  # 5x: random init
+
+
+def test_rule_pretrain_encoder_feeds_extraction_per_magnification(tmp_path):
+    from conftest import shared_slide, snakemake_cmd, write_cohort
+
+    (tmp_path / "dsmil_5x.pth").write_bytes(b"x")  # hashed when the DAG is built, never loaded (-n)
+    write_cohort(tmp_path, [("cmu", shared_slide("CMU-1-Small-Region.svs"), "tumor")],
+                 f"features:\n  weights: {{resnet18_simclr: null, '5x': {tmp_path / 'dsmil_5x.pth'}}}\n"
+                 "  pretrain: {enabled: true, per_magnification: true}\n")
+    r = subprocess.run(snakemake_cmd(tmp_path, "-n", "-p", "--nolock", "features"), capture_output=True, text=True,
+                       env=venv_env(PYTHONPATH=os.pathsep.join(sys.path)), timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "--mag 20x --out results/tiny/pretrain/20x.pth" in out and "pretrain/5x.pth" not in out
+    assert ("--weights 20x=results/tiny/pretrain/20x.pth --weights 10x=results/tiny/pretrain/10x.pth "
+            f"--weights 5x={tmp_path / 'dsmil_5x.pth'}") in out

@@ -198,7 +198,11 @@ PRETRAIN = config["features"]["pretrain"]
 def _check_weights_keys():
     """features.weights keys: an encoder in use (every magnification it serves) or a magnification."""
     encoders, mags = config["features"]["encoders"], config["tiling"]["magnifications"]
-    odd = [k for k in config["features"]["weights"] if k not in mags and k not in encoders.values()]
+    odd = [
+        k
+        for k in config["features"]["weights"]
+        if k not in mags and k not in encoders.values()
+    ]
     if odd:
         raise ValueError(
             f"features.weights: {odd} are neither an encoder in features.encoders "
@@ -265,7 +269,8 @@ def get_pretrained_weights(wildcards):
 
 def weights_id(path):
     """sha256 of a weights file; a pretraining output (not there yet when the DAG is built) is
-    named by its job's parameters instead, so the value never changes once it is written."""
+    named by its job's parameters instead, so the value never changes once it is written.
+    """
     if path in PRETRAINED:
         return f"pretrain:{PRETRAINED[path]}:{json.dumps(PRETRAIN, sort_keys=True)}"
     return weights_sha256(path)
@@ -451,7 +456,9 @@ def get_model_predictions(wildcards):
 def get_all_weights_sha(wildcards=None):
     """Encoder (and per-magnification) weights -> sha256 (a pretraining output: its job)."""
     keys = list(ENCODERS.values()) + [
-        m for m in config["tiling"]["magnifications"] if m in config["features"]["weights"]
+        m
+        for m in config["tiling"]["magnifications"]
+        if m in config["features"]["weights"]
     ]
     return json.dumps(
         {k: weights_id(config["features"]["weights"].get(k) or "") for k in keys}
