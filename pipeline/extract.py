@@ -14,8 +14,8 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -15,7 +15,15 @@ from conftest import tissue_image, venv_env, write_tiff
 from pipeline.config import TilingConfig
 from pipeline.encoders import build_encoder
 from pipeline.errors import ConfigError
-from pipeline.pretrain import KILL_ENV, PretrainConfig, SimCLR, checkpoint_path, dsmil_state_dict, nt_xent, pretrain
+from pipeline.pretrain import (
+    KILL_ENV,
+    PretrainConfig,
+    SimCLR,
+    checkpoint_path,
+    dsmil_state_dict,
+    nt_xent,
+    pretrain,
+)
 from pipeline.simclr_data import SimCLRTiles, sample_tiles
 from pipeline.tile_stage import tile_to_store
 
