@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from pipeline.atomic import atomic_path
-from pipeline.encoders import _RESNET_CHILDREN, ENCODERS, RANDOM_INIT_SEED, read_state_dict
+from pipeline.encoders import _RESNET_CHILDREN, ENCODERS, RANDOM_INIT_SEED
 from pipeline.errors import ConfigError
 from pipeline.simclr_data import SimCLRTiles, sample_tiles
 
@@ -242,13 +242,3 @@ def _cpu(obj: Any) -> Any:
         return [_cpu(v) for v in obj]
     return obj
 
-
-def check_pretrained(path: str | Path) -> None:
-    """Raise ConfigError (one line naming the file) unless `path` loads as `resnet18_simclr`."""
-    from pipeline.encoders import build_encoder
-
-    read_state_dict(path)  # truncated / not a checkpoint: ConfigError naming the file
-    try:
-        build_encoder(ENCODER, path)
-    except ValueError as e:
-        raise ConfigError(f"weights file {path}: not a {ENCODER} checkpoint ({e})") from e
