@@ -75,7 +75,8 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="tile store (<slide_id>.zarr) made by `tile`")
     p.add_argument("--slide", default=None, help="slide file (default: the path recorded in the tile store)")
     p.add_argument("--encoder", required=True, help="resnet18_simclr, uni or timm:<name>")
-    p.add_argument("--weights", default=None, help="local weights file (none: random init, with a warning)")
+    p.add_argument("--weights", action="append", default=[], metavar="[MAG=]FILE",
+                   help="local weights file, or MAG=FILE per magnification (repeat); none: random init, with a warning")
     p.add_argument("--out", required=True, help="feature store to write")
     p.add_argument("--mags", default=None, help="comma-separated magnifications (default: all in the store)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -88,6 +89,22 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
                    help="on a slide error, write a failed feature store and exit 0")
 
 
+def _weights_arg(values: list[str]) -> str | None | dict[str, str]:
+    """`--weights FILE` (every magnification) or `--weights MAG=FILE` repeated (one model each)."""
+    if not values:
+        return None
+    per_mag = {}
+    for v in values:
+        mag, sep, f = v.partition("=")
+        if sep and mag and "/" not in mag and not Path(v).exists():
+            per_mag[mag] = f
+        elif len(values) == 1:
+            return v
+        else:
+            raise ConfigError(f"--weights: give one FILE or MAG=FILE per magnification, got {values}")
+    return per_mag
+
+
 @command("extract", _extract_args)
 def _extract(args: argparse.Namespace) -> int:
     """Encode every tile of a tile store into a feature store (resumable)."""
@@ -98,7 +115,8 @@ def _extract(args: argparse.Namespace) -> int:
                         compile=args.compile, on_tile_error=args.on_tile_error)
     mags = args.mags.split(",") if args.mags else None
     try:
-        extract_features(args.store, args.out, args.encoder, args.weights, slide=args.slide, mags=mags, cfg=cfg)
+        extract_features(args.store, args.out, args.encoder, _weights_arg(args.weights), slide=args.slide, mags=mags,
+                         cfg=cfg)
     except StoreBusy as e:
         print(f"error: {Path(args.store).name}: {e}; stopping", file=sys.stderr)
         return 75
@@ -501,6 +519,93 @@ def _cohort_qc(args: argparse.Namespace) -> int:
     cfg = QCConfig(min_tiles=args.min_tiles, outlier_z=args.outlier_z, workers=args.workers)
     s = cohort_qc(rows, _features_arg(args.features), args.out_dir, cfg)
     logging.info("cohort QC: %d slides, %d listed (%d outliers) -> %s", s["slides"], s["listed"], s["outliers"], args.out_dir)
+    return 0
+
+
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stores", nargs="+", help="tile stores (<slide_id>.zarr) to sample tiles from")
+    p.add_argument("--mag", required=True, help="magnification(s) to train on, comma-separated (several: one shared model)")
+    p.add_argument("--out", required=True, help="weights file to write (resnet18_simclr, DSMIL layout); its .ckpt sits beside it")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=256, help="tiles per step (two views each)")
+    p.add_argument("--crop", type=int, default=224, help="view side in px (>= 64)")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam peak learning rate (cosine schedule)")
+    p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
+    p.add_argument("--tiles-per-slide", type=int, default=200, help="sampled tiles per slide and magnification")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers reading tiles from the slides")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--summary", default=None, help="JSON summary to write (tiles, loss, images/s, sha256)")
+
+
+@command("pretrain", _pretrain_args)
+def _pretrain(args: argparse.Namespace) -> int:
+    """SimCLR-pretrain resnet18_simclr on tiles of the given stores (resumable; atomic weights)."""
+    from pipeline.atomic import write_json
+    from pipeline.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+                         temperature=args.temperature, tiles_per_slide=args.tiles_per_slide, seed=args.seed,
+                         num_workers=args.workers, device=args.device)
+    summary = pretrain(args.stores, _names(args.mag), args.out, cfg)
+    if args.summary:
+        write_json(args.summary, summary)
+    return 0
+
+
+def _lesion_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sheet", required=True, help="slide sheet (TSV): labels, and the `annotations` column")
+    p.add_argument("--annotations-dir", default=None,
+                   help="folder of <slide_id>.geojson/.xml lesion annotations (instead of the sheet's column)")
+    p.add_argument("--lesion-classes", required=True, help="comma-separated annotation classes that are lesion")
+    p.add_argument("--non-lesion-classes", default="", help="comma-separated classes cut out of the lesion")
+    p.add_argument("--normal-label", default="normal", help="sheet label of slides without lesions")
+    p.add_argument("--features", action="append", default=[], metavar="MAG=DIR",
+                   help="feature store folder per magnification for the tile linear probe (repeat)")
+    p.add_argument("--attention", action="append", default=[], metavar="MODEL=NPZ",
+                   help="attention.npz of an evaluation (repeat; e.g. one per fold)")
+    p.add_argument("--max-tiles-per-slide", type=int, default=None, help="subsample tiles for the probe")
+    p.add_argument("--out-dir", required=True, help="folder for lesion_probe.tsv, lesion_attention.tsv, lesion_eval.json")
+
+
+@command("evaluate-lesions", _lesion_args)
+def _evaluate_lesions(args: argparse.Namespace) -> int:
+    """Lesion evaluation: tile linear-probe AUC per feature set and attention AUC (lesion vs other tiles)."""
+    from pipeline.annotations import lesion_geometries
+    from pipeline.atomic import write_json, write_tsv
+    from pipeline.lesion_eval import attention_auc, linear_probe, summarize_attention
+    from pipeline.sheet import read_sheet
+
+    rows = read_sheet(args.sheet, check_files=False)
+    if args.annotations_dir:
+        d = Path(args.annotations_dir)
+        files = {r.slide_id: next((f for f in (d / f"{r.slide_id}.geojson", d / f"{r.slide_id}.json",
+                                                d / f"{r.slide_id}.xml") if f.is_file()), None) for r in rows}
+    else:
+        files = {r.slide_id: r.annotations for r in rows}
+    lesions = lesion_geometries(files, _names(args.lesion_classes), _names(args.non_lesion_classes))
+    if not lesions:
+        raise SheetError(f"{args.annotations_dir or args.sheet}: no slide has a readable lesion annotation")
+    out = Path(args.out_dir)
+    result: dict = {"annotated_slides": len(lesions)}
+    if args.features:
+        probe = linear_probe(_features_arg(args.features), {r.slide_id: r.label for r in rows}, lesions,
+                             args.normal_label, max_tiles_per_slide=args.max_tiles_per_slide)
+        write_tsv(out / "lesion_probe.tsv", probe)
+        result["linear_probe_auc"] = dict(zip(probe["mag"], probe["auc"]))
+    if args.attention:
+        per_model: dict[str, list[str]] = {}
+        for a in args.attention:
+            model, _, f = a.partition("=")
+            if not f:
+                raise SheetError(f"--attention expects MODEL=NPZ, got {a!r}")
+            per_model.setdefault(model, []).append(f)
+        table = attention_auc(per_model, lesions)
+        summary = summarize_attention(table)
+        write_tsv(out / "lesion_attention.tsv", table)
+        result["attention_auc"] = {m: dict(zip(g["mag"], g["mean_auc"])) for m, g in summary.groupby("model")}
+    write_json(out / "lesion_eval.json", result)
+    logging.info("lesion evaluation -> %s: %s", out, json.dumps(result))
     return 0
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipeline.devices import resolve_device
-from pipeline.errors import SlideError
+from pipeline.errors import ConfigError, SlideError
 from pipeline.slides import fingerprint_matches, open_slide
 from pipeline.store import FeatureStoreMeta, FeatureStoreWriter, read_tile_store
 
@@ -171,14 +172,17 @@ class Encoder:
         return torch.cat(out)
 
 
-def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weights: str | None = None,
+def extract_features(tile_store: str | Path, out: str | Path, encoder: str,
+                     weights: str | None | Mapping[str, str | None] = None,
                      slide: str | None = None, mags: list[str] | None = None,
                      cfg: ExtractConfig | None = None, enc: Encoder | None = None) -> dict[str, int]:
     """Extract features of every tile of `mags` (default: all) into the feature store `out`.
 
     The slide is read at the resolution its tile store recorded (metadata or the sheet's
     override, resolved once at tiling); `slide` only relocates a moved file, checked by its
-    fingerprint.
+    fingerprint. `weights`: one file for every magnification, or magnification -> file (each its
+    own model, e.g. DSMIL's multiscale embedders or per-magnification SimCLR); the store then
+    records the weights' sha256 (and `pretrained`) per magnification.
     """
     cfg = cfg or ExtractConfig()
     ts = read_tile_store(tile_store)
@@ -197,10 +201,24 @@ def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weig
     if unknown:
         raise SlideError(slide_id, f"magnification(s) {unknown} not in the tile store {tile_store}")
     device = resolve_device(cfg.device)
-    enc = enc or Encoder(encoder, weights, device, cfg.compile)
+    per_mag = dict(weights) if isinstance(weights, Mapping) else {m: weights for m in mags}
+    missing = [m for m in mags if m not in per_mag]
+    if missing:
+        raise ConfigError(f"weights given per magnification, but none for {', '.join(missing)}")
+    encs: dict[str, Encoder] = {}
+    by_file: dict[str | None, Encoder] = {}
+    for m in mags:
+        w = per_mag[m]
+        if w not in by_file:
+            by_file[w] = enc or Encoder(encoder, w, device, cfg.compile)
+        encs[m] = by_file[w]
+    enc = encs[mags[0]]
+    spec = enc.spec.attrs()
+    if len(by_file) > 1:  # one model per magnification: its weights recorded per magnification
+        for k in ("weights_sha256", "pretrained"):
+            spec[k] = {m: encs[m].spec.attrs()[k] for m in mags}
     tiles = {m: ts.tiles[m] for m in mags}
     chunk_rows = cfg.batch_size * cfg.chunk_batches
-    spec = enc.spec.attrs()
     tile_size, target_mpp = meta.tiling["tile_size"], {m: meta.tiling["magnifications"][m] for m in mags}
     store_meta = FeatureStoreMeta(slide_id=slide_id, encoder=spec.pop("encoder"), tiles_sha256=meta.tiles_sha256,
                                   slide_fingerprint=meta.slide_fingerprint, tile_size=tile_size, target_mpp=target_mpp,
@@ -210,7 +228,7 @@ def extract_features(tile_store: str | Path, out: str | Path, encoder: str, weig
     try:
         for m in mags:
             _extract_mag(writer, m, slide_path, meta.base_mpp, tiles[m].coords, target_mpp[m], tile_size,
-                         enc, cfg, slide_id, device)
+                         encs[m], cfg, slide_id, device)
         writer.finalize()
     finally:
         writer.close()

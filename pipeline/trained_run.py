@@ -147,6 +147,9 @@ def _weights(root: Path, encoders: dict[str, str], attrs: dict[str, dict[str, An
     out: dict[str, str | None] = {}
     for mag, name in encoders.items():
         want = attrs[mag].get("weights_sha256")
+        per_mag = isinstance(want, dict)  # one model per magnification (features.weights keyed by it)
+        if per_mag:
+            want, name = want.get(mag), mag
         path = (override or {}).get(name) or recorded.get(name) or None
         if want is None:  # random init: no file, and none may be given
             if path:

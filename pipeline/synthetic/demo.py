@@ -28,6 +28,8 @@ MPP = 0.5  # level-0 µm/px (a 20x scan)
 SIZE_W, SIZE_H = (7200, 9000), (5900, 7400)  # level-0 px at scale 1: ~320 kept 20x tiles per slide
 SHEET_NAME = "slides.tsv"
 LESIONS_NAME = "lesions.json"
+LESION_CLASS = "Tumor"  # class of the demo's lesion annotations (config annotations.lesion_classes)
+ANNOTATIONS_DIR = "annotations"  # <cohort>/annotations/<slide>.geojson, one per tumour slide
 OD_BG = np.array([0.04, 0.045, 0.035])  # faint glass/mountant tint
 H_VEC = np.array([0.60, 0.75, 0.28])  # haematoxylin optical density per unit (R, G, B)
 E_VEC = np.array([0.10, 0.85, 0.42])  # eosin (pink)
@@ -382,6 +384,7 @@ def make_demo_cohort(out_dir: Path, n_slides: int = 24, seed: int = 0, scale: fl
         contours = list(map(write_slide, *jobs))
     lesions = {s: c for s, c in zip(ids, contours, strict=True)}
     write_text(out_dir / LESIONS_NAME, json.dumps({"mpp": MPP, "coords": "level-0 px, x y", "lesions": lesions}))
+    write_lesion_geojson(out_dir)
     sheet = out_dir / SHEET_NAME
     with atomic_path(sheet) as tmp, open(tmp, "w", newline="") as f:
         wr = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -389,6 +392,27 @@ def make_demo_cohort(out_dir: Path, n_slides: int = 24, seed: int = 0, scale: fl
         for s, lab, p in zip(ids, labels, patients, strict=True):
             wr.writerow([s, f"slides/{s}.tiff", lab, p])
     return sheet
+
+
+def write_lesion_geojson(out_dir: Path) -> dict[str, Path]:
+    """QuPath GeoJSON of each tumour slide's lesions (class `Tumor`, from lesions.json) under
+    out_dir/annotations/, so lesion evaluations read the demo like any annotated cohort."""
+    from shapely import make_valid
+    from shapely.geometry import Polygon, mapping
+
+    out_dir = Path(out_dir)
+    lesions = json.loads((out_dir / LESIONS_NAME).read_text())["lesions"]
+    out = {}
+    for sid, contours in lesions.items():
+        if not contours:
+            continue
+        feats = [{"type": "Feature", "geometry": mapping(make_valid(Polygon(c))),  # contours may self-touch
+                  "properties": {"objectType": "annotation", "classification": {"name": LESION_CLASS}}}
+                 for c in contours]
+        out[sid] = out_dir / ANNOTATIONS_DIR / f"{sid}.geojson"
+        out[sid].parent.mkdir(parents=True, exist_ok=True)
+        write_text(out[sid], json.dumps({"type": "FeatureCollection", "features": feats}))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,17 +192,102 @@ def weights_sha256(path):
     return provenance.file_sha256(path) if path else "random-init"
 
 
+PRETRAIN = config["features"]["pretrain"]
+
+
+def _check_weights_keys():
+    """features.weights keys: an encoder in use (every magnification it serves) or a magnification."""
+    encoders, mags = config["features"]["encoders"], config["tiling"]["magnifications"]
+    odd = [
+        k
+        for k in config["features"]["weights"]
+        if k not in mags and k not in encoders.values()
+    ]
+    if odd:
+        raise ValueError(
+            f"features.weights: {odd} are neither an encoder in features.encoders "
+            f"({sorted(set(encoders.values()))}) nor a magnification ({list(mags)})"
+        )
+
+
+def _pretrain_groups():
+    """Pretraining job (`shared` or a magnification) -> the magnifications it serves: the
+    resnet18_simclr magnifications without weights in the config."""
+    if RUN is not None or not PRETRAIN["enabled"]:
+        return {}
+    w = config["features"]["weights"]
+    mags = [
+        m
+        for m, e in config["features"]["encoders"].items()
+        if e == "resnet18_simclr" and not (w.get(m) or w.get(e))
+    ]
+    if not mags:
+        return {}
+    return {m: [m] for m in mags} if PRETRAIN["per_magnification"] else {"shared": mags}
+
+
+_check_weights_keys()
+PRETRAIN_GROUPS = _pretrain_groups()
+# Pretrained magnifications take the pretrain_encoder rule's output as their weights (so the
+# manifest records them, and a deploy config finds them under the magnification's key).
+for _group, _mags in PRETRAIN_GROUPS.items():
+    for _m in _mags:
+        config["features"]["weights"][_m] = f"{RESULTS}/pretrain/{_group}.pth"
+PRETRAINED = {
+    f"{RESULTS}/pretrain/{g}.pth": g for g in PRETRAIN_GROUPS
+}  # weights file -> its job
+
+
+wildcard_constraints:
+    group="|".join(PRETRAIN_GROUPS) or "none",
+
+
+def weights_of(mag):
+    """A magnification's weights file ("" = random init): its own key, else its encoder's."""
+    w, enc = config["features"]["weights"], config["features"]["encoders"][mag]
+    return (w[mag] if mag in w else w.get(enc)) or ""
+
+
 def get_weights(wildcards):
-    return config["features"]["weights"].get(ENCODERS[wildcards.encoder]) or ""
+    """Magnification -> weights file of the magnifications this encoder serves."""
+    return {m: weights_of(m) for m in get_encoder_mags(wildcards).split(",")}
 
 
 def get_weights_arg(wildcards):
-    w = get_weights(wildcards)
-    return ["--weights", w] if w else []
+    """`--weights FILE`, or `--weights MAG=FILE` per magnification when they differ (a list: :q)."""
+    files = get_weights(wildcards)
+    if len(set(files.values())) == 1:
+        w = next(iter(files.values()))
+        return ["--weights", w] if w else []
+    return [a for m, f in files.items() for a in ("--weights", f"{m}={f}")]
+
+
+def get_pretrained_weights(wildcards):
+    """The pretrain_encoder outputs this extraction reads (so it waits for them)."""
+    return sorted({f for f in get_weights(wildcards).values() if f in PRETRAINED})
+
+
+def weights_id(path):
+    """sha256 of a weights file; a pretraining output (not there yet when the DAG is built) is
+    named by its job's parameters instead, so the value never changes once it is written.
+    """
+    if path in PRETRAINED:
+        return f"pretrain:{PRETRAINED[path]}:{json.dumps(PRETRAIN, sort_keys=True)}"
+    return weights_sha256(path)
 
 
 def get_weights_sha(wildcards):
-    return weights_sha256(get_weights(wildcards))
+    """One id when the encoder's magnifications share their weights (as before), else per magnification."""
+    ids = {m: weights_id(f) for m, f in get_weights(wildcards).items()}
+    return next(iter(ids.values())) if len(set(ids.values())) == 1 else json.dumps(ids)
+
+
+def get_pretrain_mags(wildcards):
+    return ",".join(PRETRAIN_GROUPS[wildcards.group])
+
+
+def get_pretrain_outputs(wildcards=None):
+    return list(PRETRAINED)
 
 
 def get_loader_workers(wildcards, threads):
@@ -369,11 +454,14 @@ def get_model_predictions(wildcards):
 
 
 def get_all_weights_sha(wildcards=None):
+    """Encoder (and per-magnification) weights -> sha256 (a pretraining output: its job)."""
+    keys = list(ENCODERS.values()) + [
+        m
+        for m in config["tiling"]["magnifications"]
+        if m in config["features"]["weights"]
+    ]
     return json.dumps(
-        {
-            name: weights_sha256(config["features"]["weights"].get(name) or "")
-            for name in ENCODERS.values()
-        }
+        {k: weights_id(config["features"]["weights"].get(k) or "") for k in keys}
     )
 
 

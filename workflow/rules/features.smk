@@ -1,7 +1,45 @@
+# SimCLR on the cohort's own tiles (features.pretrain): one job per magnification, or `shared`.
+rule pretrain_encoder:
+    input:
+        stores=get_tile_stores,
+    output:
+        weights=f"{RESULTS}/pretrain/{{group}}.pth",
+        summary=f"{RESULTS}/pretrain/{{group}}.json",
+    log:
+        f"{LOGS}/pretrain_encoder/{{group}}.log",
+    benchmark:
+        f"{BENCH}/pretrain_encoder/{{group}}.tsv"
+    conda:
+        "../../envs/features.yaml"
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=720,
+        gpu=1,
+    params:
+        mags=get_pretrain_mags,
+        epochs=PRETRAIN["epochs"],
+        batch_size=PRETRAIN["batch_size"],
+        crop=PRETRAIN["crop"],
+        lr=PRETRAIN["lr"],
+        temperature=PRETRAIN["temperature"],
+        tiles_per_slide=PRETRAIN["tiles_per_slide"],
+        seed=PRETRAIN["seed"],
+        workers=get_loader_workers,
+        code=code_fingerprint("pretrain"),
+    shell:
+        "python -m pipeline pretrain {input.stores:q} --mag {params.mags:q} --out {output.weights:q} "
+        "--summary {output.summary:q} --epochs {params.epochs:q} --batch-size {params.batch_size:q} "
+        "--crop {params.crop:q} --lr {params.lr:q} --temperature {params.temperature:q} "
+        "--tiles-per-slide {params.tiles_per_slide:q} --seed {params.seed:q} "
+        "--workers {params.workers:q} > {log:q} 2>&1"
+
+
 rule extract_features:
     input:
         store=f"{RESULTS}/tiles/{{slide}}.zarr",
         slide=get_slide_path,
+        weights=get_pretrained_weights,
     output:
         store=directory(f"{RESULTS}/features/{{encoder}}/{{slide}}.zarr"),
     log:
