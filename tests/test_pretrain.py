@@ -116,7 +116,7 @@ def test_extract_rejects_truncated_or_foreign_weights(stores, tmp_path):
         other = ENCODERS["uni"].factory({"depth": 1, "embed_dim": 64, "num_heads": 2})
     foreign = tmp_path / "vit.pth"
     torch.save({k: torch.zeros(v.shape) for k, v in other.state_dict().items()}, foreign)
-    for w, cause in ((bad, "not a PyTorch or safetensors checkpoint"), (foreign, "weights do not fit")):
+    for w, cause in ((bad, "truncated or corrupt"), (foreign, "weights do not fit")):
         with pytest.raises(ValueError, match=cause) as e:
             extract_features(stores[0], tmp_path / "f.zarr", "resnet18_simclr", {"20x": str(w), "10x": str(good)},
                              mags=["20x", "10x"], cfg=ExtractConfig(num_workers=0))

@@ -17,7 +17,7 @@ from conftest import write_tiff
 import pipeline
 from pipeline import manifest
 from pipeline.heatmap import attention_canvas, load_attention, render_heatmap
-from pipeline.store import TileSet, write_failed_store, write_tile_store
+from pipeline.store import TileSet, TileStoreMeta, write_failed_store, write_tile_store
 from pipeline.summary import summarize_stores, write_summary
 
 # --------------------------------------------------------------------------- heatmaps
@@ -128,9 +128,9 @@ def _tiles(n: int) -> TileSet:
 def stores(tmp_path) -> list[Path]:
     t, f = tmp_path / "tiles", tmp_path / "features"
     write_tile_store(t / "a.zarr", {"20x": _tiles(5), "10x": _tiles(2)},
-                     {"slide_id": "a", "base_mpp": 0.25, "mpp_source": "tiff", "vendor": "aperio"})
+                     TileStoreMeta(slide_id="a", base_mpp=0.25, mpp_source="tiff", vendor="aperio"))
     write_tile_store(t / "b.zarr", {"20x": _tiles(0), "10x": _tiles(0)},
-                     {"slide_id": "b", "base_mpp": 0.5, "mpp_source": "sheet", "vendor": "generic-tiff"})
+                     TileStoreMeta(slide_id="b", base_mpp=0.5, mpp_source="sheet", vendor="generic-tiff"))
     write_failed_store(t / "c.zarr", "tiles", "c", "c.svs: cannot open")
     write_failed_store(f / "c.zarr", "features", "c", "no tile store")
     broken = t / "d.zarr"
