@@ -1,4 +1,4 @@
-"""Benchmark: cohort feature QC (``pipeline.cohort_qc``) memory and time against cohort size.
+"""Benchmark: cohort feature QC (``pipeline.report.cohort_qc``) memory and time against cohort size.
 
 Writes a synthetic cohort of feature stores once (``pipeline.synthetic.bags``, through the pipeline's
 own ``FeatureStoreWriter``; D = 512, ~190-320 20x tiles per slide plus their 10x and 5x tiles,
@@ -48,8 +48,8 @@ def child(folder: Path, n: int, workers: int) -> None:
     """Run the QC on the first n slides; print one JSON line with peak RSS and seconds."""
     import numpy as np
 
-    from pipeline.cohort_qc import QCConfig, cohort_qc
-    from pipeline.sheet import read_sheet
+    from pipeline.report.cohort_qc import QCConfig, cohort_qc
+    from pipeline.slides.sheet import read_sheet
     from pipeline.synthetic.bags import MAGS
 
     rows = read_sheet(folder / "slides.tsv", check_files=False)[:n]

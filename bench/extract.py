@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.devices import resolve_device  # noqa: E402
-from pipeline.extract import (  # noqa: E402
+from pipeline.features.extract import (  # noqa: E402
     Encoder,
     ExtractConfig,
     TileDataset,
@@ -98,7 +98,7 @@ def prepare(slide: Path | None, size: tuple[int, int], cache: Path) -> tuple[Pat
             "    r = make_mosaic_slide(slide, w, h)  # written atomically\n"
             "    print(f\"built {slide} in {r['seconds']:.1f} s ({r['bytes'] / 2**20:.0f} MiB)\", flush=True)\n"
             "from pipeline.config import TilingConfig\n"
-            "from pipeline.tile_stage import tile_to_store\n"
+            "from pipeline.tiling.stage import tile_to_store\n"
             "print('tiled', tile_to_store(slide, store, TilingConfig()))\n"
             "print(f'prepare peak_rss_mib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}')\n"
         )

@@ -1,8 +1,8 @@
 """Decisive multi-scale benchmark: does a model use WHERE the evidence sits across magnifications?
 
 Synthetic slides (:mod:`pipeline.synthetic.bags`) whose label rule is known, turned into bags by
-:func:`pipeline.bags.make_bag` (the function that turns a feature store into a bag: E1 groups,
-tile centres), trained and evaluated with :func:`pipeline.train.train_fold` / ``predict``. A
+:func:`pipeline.mil.bags.make_bag` (the function that turns a feature store into a bag: E1 groups,
+tile centres), trained and evaluated with :func:`pipeline.mil.train.train_fold` / ``predict``. A
 tumour's evidence is a 20x feature direction on some tiles of a small cluster of regions and a
 5x direction on the 5x tiles of a cluster; 10x carries none. Tasks:
 
@@ -25,7 +25,7 @@ paired differences on the same test slides against ABMIL_3 and M_A with their 95
 observer ceilings computed from the evidence directions (``oracle_scores``): 20x alone, 5x
 alone, the per-scale ceiling (the best combination of the two per-scale maxima, a gradient-
 boosted classifier fitted on the training cohort's scores) and the region-wise co-location
-oracle. Cross-attention read-outs (:mod:`pipeline.models.diagnostics`) are averaged over the
+oracle. Cross-attention read-outs (:mod:`pipeline.mil.models.diagnostics`) are averaged over the
 test slides.
 
 Runs go to a pool of --jobs processes (one torch thread each; one process on a GPU). Full run
@@ -104,7 +104,7 @@ class Setup:
 @functools.lru_cache(maxsize=2)
 def _data(setup: Setup, task: str, seed: int, n_train: int):
     """(cache over train + test bags, train ids, test ids, oracle scores of train and test)."""
-    from pipeline.bags import BagCache
+    from pipeline.mil.bags import BagCache
     from pipeline.synthetic.bags import synth_bags
 
     train, o_train = synth_bags(setup.cohort(task, seed, n_train), setup.n_groups)
@@ -134,7 +134,7 @@ def run_one(setup: Setup, task: str, n_train: int, seed: int, model: str, n_max:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from pipeline.train import TrainConfig, load_model, predict, train_fold
+    from pipeline.mil.train import TrainConfig, load_model, predict, train_fold
 
     torch.set_num_threads(1)
     logging.getLogger("pipeline").setLevel(logging.WARNING)

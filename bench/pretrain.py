@@ -27,7 +27,7 @@ import torch
 
 def forward_backward_ips(crop: int, batch: int, steps: int, device: torch.device) -> float:
     """Images/s of SimCLR forward+backward+Adam step on random (2B, 3, crop, crop) batches."""
-    from pipeline.pretrain import SimCLR, nt_xent
+    from pipeline.features.pretrain import SimCLR, nt_xent
 
     model = SimCLR().to(device)
     cuda = device.type == "cuda"
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.pretrain import PretrainConfig, _device, pretrain
+    from pipeline.features.pretrain import PretrainConfig, _device, pretrain
 
     device = _device(a.device)
     per_slide = -(-a.steps * a.batch_size // len(a.stores))  # enough tiles for `steps` batches

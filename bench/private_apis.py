@@ -1,4 +1,4 @@
-"""Benchmark: what extraction's glibc heap settings (`pipeline.extract`, mallopt / malloc_trim
+"""Benchmark: what extraction's glibc heap settings (`pipeline.features.extract`, mallopt / malloc_trim
 through ctypes) buy on CPU, measured in one run.
 
 Realistic configuration: the `resnet18_simclr` encoder on CPU (torch's default threads), batches
@@ -46,7 +46,7 @@ def child(what: str, on: bool, batches: int, batch_size: int, tile: int) -> dict
     sys.path.insert(0, str(ROOT))
     import torch
 
-    import pipeline.extract as ex
+    import pipeline.features.extract as ex
 
     if what == "heap" and not on:
         ex.keep_freed_memory = lambda: False  # Encoder() calls it on CPU

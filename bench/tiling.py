@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 OURS = r"""
 import json, resource, sys, time
 from pipeline.config import TilingConfig
-from pipeline.tile_stage import tile_to_store
+from pipeline.tiling.stage import tile_to_store
 slide, out, mpp, options = sys.argv[1], sys.argv[2], float(sys.argv[3]) or None, json.loads(sys.argv[4])
 t0 = time.perf_counter()
 counts = tile_to_store(slide, out, TilingConfig(**options), mpp=mpp, qc_png=out + ".qc.png", mask_png=out + ".mask.png")

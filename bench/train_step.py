@@ -9,7 +9,7 @@ At N = 10,000 / 2,500 / 625 tiles (20x / 10x / 5x), D = 512, B = 1:
 - ``ratio`` = step_ms / attention_ms (goal <= 1.3 on CPU);
 - ``epoch_ratio``: a training epoch over a 270-slide cohort read from Zarr feature stores,
   timed end to end on the wall clock (``BagCache`` loading + ``collate`` + training steps,
-  through ``pipeline.train.train_epoch`` with its background prefetch), divided by the sum of
+  through ``pipeline.mil.train.train_epoch`` with its background prefetch), divided by the sum of
   the same steps' compute alone (forward, backward, Adam; timed in a second pass over the same
   batches in the same order, every bag already in RAM, nothing loading); goal <= 1.1. It is
   measured for the real case: the step on its own thread (``--epoch-threads 1``, the
@@ -54,9 +54,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.bags import assign_groups  # noqa: E402
-from pipeline.models import ModelConfig, create_model  # noqa: E402
-from pipeline.models.abmil import ABMIL  # noqa: E402
+from pipeline.mil.bags import assign_groups  # noqa: E402
+from pipeline.mil.models import ModelConfig, create_model  # noqa: E402
+from pipeline.mil.models.abmil import ABMIL  # noqa: E402
 
 TILES = {"20x": 10_000, "10x": 2_500, "5x": 625}
 
@@ -200,10 +200,10 @@ def measure_epoch_ratio(
     `step_threads` torch threads while it runs (0: leave them as they are)."""
     import numpy as np
 
-    from pipeline.bags import cohort_cache
+    from pipeline.mil.bags import cohort_cache
+    from pipeline.mil.train import TrainConfig, make_optimizer, train_epoch
     from pipeline.store import FEATURE_CODEC
     from pipeline.synthetic.bags import SynthConfig, make_cohort
-    from pipeline.train import TrainConfig, make_optimizer, train_epoch
 
     if n_slides <= 0:
         return math.nan

@@ -55,7 +55,7 @@ def _names(csv: str) -> list[str]:
 def _tile(args: argparse.Namespace) -> int:
     """Mask tissue and tile one slide at every magnification into a tile store."""
     from pipeline.config import TilingConfig, json_options, load_config
-    from pipeline.tile_stage import record_failure, tile_to_store
+    from pipeline.tiling.stage import record_failure, tile_to_store
 
     block = json_options(args.tiling, "--tiling") if args.tiling is not None else load_config(args.config).get("tiling")
     cfg = TilingConfig.from_dict(block)
@@ -108,7 +108,7 @@ def _weights_arg(values: list[str]) -> str | None | dict[str, str]:
 @command("extract", _extract_args)
 def _extract(args: argparse.Namespace) -> int:
     """Encode every tile of a tile store into a feature store (resumable)."""
-    from pipeline.extract import ExtractConfig, extract_features
+    from pipeline.features.extract import ExtractConfig, extract_features
     from pipeline.store import StoreBusy, write_failed_store
 
     cfg = ExtractConfig(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
@@ -158,8 +158,8 @@ def _splits_args(p: argparse.ArgumentParser) -> None:
 @command("splits", _splits_args)
 def _splits(args: argparse.Namespace) -> int:
     """Patient-level stratified folds (or the sheet's split column), written once."""
-    from pipeline.sheet import read_sheet
-    from pipeline.splits import write_splits
+    from pipeline.mil.splits import write_splits
+    from pipeline.slides.sheet import read_sheet
 
     df = write_splits(read_sheet(args.sheet, check_files=False), args.out, args.folds, args.val_fraction, args.seed)
     logging.info("%d slides, %d folds -> %s", len(df), sum(c.startswith("fold_") for c in df.columns), args.out)
@@ -168,7 +168,7 @@ def _splits(args: argparse.Namespace) -> int:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     _cohort_args(p)
-    p.add_argument("--model", required=True, help="model name (pipeline.models.MODEL_NAMES)")
+    p.add_argument("--model", required=True, help="model name (pipeline.mil.models.MODEL_NAMES)")
     p.add_argument("--config", default=None, help="config.yaml (its `training:` block)")
     p.add_argument("--training", default=None, help="training options as JSON (override --config)")
 
@@ -176,12 +176,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @command("train", _train_args)
 def _train(args: argparse.Namespace) -> int:
     """Train one model on one fold, early-stopped on validation AUC."""
-    from pipeline.bags import cohort_cache, feature_fingerprints
     from pipeline.config import json_options, load_config
-    from pipeline.models import MODEL_NAMES, ModelConfig
-    from pipeline.splits import read_splits
+    from pipeline.mil.bags import cohort_cache, feature_fingerprints
+    from pipeline.mil.models import MODEL_NAMES, ModelConfig
+    from pipeline.mil.splits import read_splits
+    from pipeline.mil.train import TrainConfig, train_fold
     from pipeline.store import read_feature_meta
-    from pipeline.train import TrainConfig, train_fold
 
     if args.model not in MODEL_NAMES:
         raise ConfigError(f"--model {args.model!r}: unknown model; choose one of {', '.join(MODEL_NAMES)}")
@@ -218,9 +218,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on its fold's test slides: predictions.csv, metrics.json."""
     import torch
 
-    from pipeline.bags import cohort_cache
-    from pipeline.splits import read_splits
-    from pipeline.train import evaluate_fold
+    from pipeline.mil.bags import cohort_cache
+    from pipeline.mil.splits import read_splits
+    from pipeline.mil.train import evaluate_fold
 
     try:
         ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
@@ -251,7 +251,7 @@ def _metrics_args(p: argparse.ArgumentParser) -> None:
 def _summarize_metrics(args: argparse.Namespace) -> int:
     """Mean ± std over folds per model, bootstrap 95 % CIs, and tests against the reference."""
     from pipeline.atomic import write_tsv
-    from pipeline.metrics import summarize
+    from pipeline.mil.metrics import summarize
 
     per_fold, table = summarize(args.metrics, args.reference, args.splits, args.resamples)
     write_tsv(args.out, table)
@@ -271,7 +271,7 @@ def _roc_args(p: argparse.ArgumentParser) -> None:
 @command("plot-roc", _roc_args)
 def _plot_roc(args: argparse.Namespace) -> int:
     """ROC curves of one model, one curve per fold."""
-    from pipeline.metrics import plot_roc
+    from pipeline.mil.metrics import plot_roc
 
     plot_roc(args.predictions, args.out, args.title)
     return 0
@@ -286,7 +286,7 @@ def _xattn_args(p: argparse.ArgumentParser) -> None:
 @command("plot-cross-attention", _xattn_args)
 def _plot_xattn(args: argparse.Namespace) -> int:
     """What M2OTCA's cross-attention does: OT plan alignment and gradient-weight concentration."""
-    from pipeline.crossattn import plot_cross_attention
+    from pipeline.report.crossattn import plot_cross_attention
 
     n = plot_cross_attention(args.models, args.out, args.n_groups)
     logging.info("cross-attention read-outs of %d model(s) -> %s", n, args.out)
@@ -306,7 +306,7 @@ def _heatmaps(args: argparse.Namespace) -> int:
     """Attention heatmaps (20x | 10x | 5x) of a model's test slides."""
     import pandas as pd
 
-    from pipeline.heatmap import load_attention, render_heatmap
+    from pipeline.report.heatmap import load_attention, render_heatmap
     from pipeline.store import read_tile_meta
 
     fold = Path(args.fold_dir)
@@ -341,7 +341,7 @@ def _manifest_args(p: argparse.ArgumentParser) -> None:
 @command("manifest", _manifest_args)
 def _manifest(args: argparse.Namespace) -> int:
     """Write the run manifest (versions, hashes, commit, seeds)."""
-    from pipeline.manifest import build_manifest, write_manifest
+    from pipeline.report.manifest import build_manifest, write_manifest
 
     m = build_manifest(json.loads(args.config_json), args.sheet, args.repo, json.loads(args.weights_sha256))
     write_manifest(args.out, m)
@@ -358,7 +358,7 @@ def _summary_args(p: argparse.ArgumentParser) -> None:
 @command("summarize-tiles", _summary_args)
 def _summarize(args: argparse.Namespace) -> int:
     """Tables of tiles per slide and of failed slides."""
-    from pipeline.summary import write_summary
+    from pipeline.report.summary import write_summary
 
     df = write_summary(args.stores, args.out, args.failed)
     n_bad = int((df["status"] != "ok").sum())
@@ -422,14 +422,14 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 def _predict(args: argparse.Namespace) -> int:
     """Predict new slides with a trained run's fold models (ensemble), checked against its record."""
     from pipeline.atomic import write_tsv
-    from pipeline.predict import (
+    from pipeline.deploy.predict import (
         PredictConfig,
         predict_cohort,
         prepare_slides,
         summarize_predictions,
     )
-    from pipeline.sheet import read_sheet
-    from pipeline.trained_run import load_trained_run
+    from pipeline.deploy.trained_run import load_trained_run
+    from pipeline.slides.sheet import read_sheet
 
     weights = {k: v for k, _, v in (w.partition("=") for w in args.weights)}
     models = [m for m in args.models.split(",") if m]
@@ -459,7 +459,7 @@ def _predict_summary_args(p: argparse.ArgumentParser) -> None:
 def _summarize_predictions(args: argparse.Namespace) -> int:
     """One row per model of a prediction run: slides, refused, metrics with 95% CIs."""
     from pipeline.atomic import write_tsv
-    from pipeline.predict import summarize_predictions
+    from pipeline.deploy.predict import summarize_predictions
 
     table = summarize_predictions(args.metrics)
     write_tsv(args.out, table)
@@ -480,7 +480,7 @@ def _qupath_args(p: argparse.ArgumentParser) -> None:
 def _export_qupath(args: argparse.Namespace) -> int:
     """A slide's tissue, tiles and attention as QuPath GeoJSON (level-0 px; File > Import objects)."""
     from pipeline.atomic import write_text
-    from pipeline.geojson import export_slide, slide_attention
+    from pipeline.report.geojson import export_slide, slide_attention
     from pipeline.store import store_state
 
     status, attrs = store_state(args.store)
@@ -512,8 +512,8 @@ def _cohort_qc_args(p: argparse.ArgumentParser) -> None:
 @command("cohort-qc", _cohort_qc_args)
 def _cohort_qc(args: argparse.Namespace) -> int:
     """Cohort feature QC (Dask): slide means and spread, PCA, outlier slides, batch-effect score."""
-    from pipeline.cohort_qc import QCConfig, cohort_qc
-    from pipeline.sheet import read_sheet
+    from pipeline.report.cohort_qc import QCConfig, cohort_qc
+    from pipeline.slides.sheet import read_sheet
 
     rows = read_sheet(args.sheet, check_files=False, require_label=False)
     cfg = QCConfig(min_tiles=args.min_tiles, outlier_z=args.outlier_z, workers=args.workers)
@@ -542,7 +542,7 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     """SimCLR-pretrain resnet18_simclr on tiles of the given stores (resumable; atomic weights)."""
     from pipeline.atomic import write_json
-    from pipeline.pretrain import PretrainConfig, pretrain
+    from pipeline.features.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
                          temperature=args.temperature, tiles_per_slide=args.tiles_per_slide, seed=args.seed,
@@ -571,10 +571,10 @@ def _lesion_args(p: argparse.ArgumentParser) -> None:
 @command("evaluate-lesions", _lesion_args)
 def _evaluate_lesions(args: argparse.Namespace) -> int:
     """Lesion evaluation: tile linear-probe AUC per feature set and attention AUC (lesion vs other tiles)."""
-    from pipeline.annotations import lesion_geometries
     from pipeline.atomic import write_json, write_tsv
-    from pipeline.lesion_eval import attention_auc, linear_probe, summarize_attention
-    from pipeline.sheet import read_sheet
+    from pipeline.report.lesion_eval import attention_auc, linear_probe, summarize_attention
+    from pipeline.slides.annotations import lesion_geometries
+    from pipeline.slides.sheet import read_sheet
 
     rows = read_sheet(args.sheet, check_files=False)
     if args.annotations_dir:

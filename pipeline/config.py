@@ -79,7 +79,7 @@ def check_value(section: str, name: str, value: Any, kind: str, lo: float | None
 def check_model_options(d: dict[str, Any] | None) -> None:
     """Check `training.model` against ModelConfig (keys and values) without importing torch:
     the workflow calls this when it parses the config, so a typo fails before any job runs."""
-    path = Path(__file__).parent / "models" / "config.py"
+    path = Path(__file__).parent / "mil" / "models" / "config.py"
     name = "pipeline._model_config_standalone"
     module = sys.modules.get(name)
     if module is None:

@@ -40,7 +40,7 @@ def _parse(path: Path, mtime_ns: int, size: int) -> ast.Module:
 
 
 def module_file(name: str, root: Path = PACKAGE_DIR) -> Path | None:
-    """Source file of the package module `name` ("pipeline.models.abmil"), None when not one."""
+    """Source file of the package module `name` ("pipeline.mil.models.abmil"), None when not one."""
     parts = name.split(".")
     if parts[0] != PACKAGE:
         return None

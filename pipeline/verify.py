@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline import store as st
 from pipeline.slides.files import fingerprint, fingerprint_matches
-from pipeline.tiling import Grid
+from pipeline.tiling.grid import Grid
 
 # severity -> does it make `verify` fail?
 SEVERITIES = {"broken": True, "stale": True, "incomplete": True, "missing": True, "failed": False}

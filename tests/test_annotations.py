@@ -16,15 +16,15 @@ import yaml
 from conftest import REPO, tissue_image, write_tiff
 from shapely.geometry import Polygon, box
 
-from pipeline.annotations import (
+from pipeline.cli import main
+from pipeline.report.geojson import export_slide, mask_polygons, slide_attention, tissue_geometry
+from pipeline.slides.annotations import (
     AnnotationError,
     lesion_geometries,
     lesion_geometry,
     rasterize,
     read_annotations,
 )
-from pipeline.cli import main
-from pipeline.geojson import export_slide, mask_polygons, slide_attention, tissue_geometry
 from pipeline.store import (
     TileSet,
     TileStoreMeta,
@@ -141,7 +141,7 @@ CAMELYON_XML = """<?xml version="1.0"?>
 
 def test_camelyon16_asap_xml_and_lesion_tiles(tmp_path, caplog):
     (tmp_path / "tumor_001.xml").write_text(CAMELYON_XML)
-    with caplog.at_level(logging.WARNING, logger="pipeline.annotations"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.slides.annotations"):
         ann = read_annotations(tmp_path / "tumor_001.xml")
     assert sorted(ann) == ["_0", "_1", "_2"]
     # the shuffled Order attributes are followed: a square, not a bow-tie (which would need repair)
@@ -175,7 +175,7 @@ def test_qupath_formats_repair_and_clipping(tmp_path, caplog):
          "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}},
     ]
     (tmp_path / "a.json").write_text(json.dumps(old))
-    with caplog.at_level(logging.WARNING, logger="pipeline.annotations"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.slides.annotations"):
         ann = read_annotations(tmp_path / "a.json", slide_size=(1000, 1000))
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 3 and all(m.startswith(f"{tmp_path / 'a.json'}: ") for m in msgs)

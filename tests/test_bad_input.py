@@ -21,13 +21,13 @@ from conftest import shared_slide, tissue_image, write_tiff
 
 from pipeline.config import TilingConfig
 from pipeline.errors import ConfigError, SheetError, SlideError
-from pipeline.extract import ExtractConfig, extract_features
-from pipeline.sheet import SlideRow, parse_sheet
+from pipeline.features.extract import ExtractConfig, extract_features
+from pipeline.mil.splits import check_splittable, make_splits
 from pipeline.slides import open_slide
 from pipeline.slides.files import fingerprint, fingerprint_matches, legacy_fingerprint
-from pipeline.splits import check_splittable, make_splits
+from pipeline.slides.sheet import SlideRow, parse_sheet
 from pipeline.store import read_feature_store, read_tile_store, store_status
-from pipeline.tile_stage import tile_to_store
+from pipeline.tiling.stage import tile_to_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -139,7 +139,7 @@ def test_damaged_tiffs_only_ever_raise_slide_errors(tmp_path):
 
 
 def test_non_finite_features_fail_the_slide_at_write(small, tmp_path, monkeypatch):
-    import pipeline.extract as ex
+    import pipeline.features.extract as ex
 
     d, _ = small
     real = ex.Encoder.__call__
@@ -164,7 +164,7 @@ def _copy_store(small, tmp_path) -> Path:
 
 
 def test_non_finite_features_are_refused_at_load(small, tmp_path):
-    from pipeline.bags import load_bag
+    from pipeline.mil.bags import load_bag
 
     f = _copy_store(small, tmp_path)
     arr = zarr.open_array(str(f / "20x" / "features"), mode="r+")  # a valid chunk, NaN inside
@@ -195,10 +195,10 @@ def test_lost_or_damaged_chunks_are_refused_at_load(small, tmp_path, damage):
 def test_metrics_json_is_strict_json_when_auc_is_undefined(tmp_path):
     """One class in the test part: AUC is undefined -> null (not the invalid `NaN`), and the
     cross-fold summary still reads it."""
-    from pipeline.bags import cohort_cache
-    from pipeline.metrics import summarize
+    from pipeline.mil.bags import cohort_cache
+    from pipeline.mil.metrics import summarize
+    from pipeline.mil.train import TrainConfig, evaluate_fold, train_fold
     from pipeline.synthetic.bags import SynthConfig, make_cohort
-    from pipeline.train import TrainConfig, evaluate_fold, train_fold
 
     c = make_cohort(tmp_path / "c", SynthConfig(n_slides=8, seed=1, dim=8, regions=(4, 6), lesion_regions=(1, 2)))
     cache, classes = cohort_cache(c.sheet, c.feature_dirs, 2)
@@ -367,7 +367,7 @@ def test_bad_weights_file_is_one_line(small, tmp_path, content, why):
     d, _ = small
     w = tmp_path / "w.pth"
     w.write_bytes(content)
-    from pipeline.encoders import build_encoder
+    from pipeline.features.encoders import build_encoder
 
     with pytest.raises(ConfigError, match=f"^weights file {w}: {why}"):
         build_encoder(ENC, w)

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import main
-from pipeline.cohort_qc import QCConfig, cohort_qc, feature_stats
-from pipeline.sheet import SlideRow
+from pipeline.report.cohort_qc import QCConfig, cohort_qc, feature_stats
+from pipeline.slides.sheet import SlideRow
 from pipeline.store import TileSet, open_features_dask, read_feature_store, write_failed_store
 from pipeline.synthetic.bags import MAGS, SynthConfig, make_slide, write_slide
 
@@ -91,7 +91,7 @@ def test_empty_thin_failed_and_outlying_slides_are_listed(tmp_path, caplog):
     write_slide(thin, tmp_path / "thin.zarr")
     write_failed_store(tmp_path / "broken.zarr", "features", "broken", "slide unreadable")
     rows += [SlideRow(s, Path("/x"), "normal", s) for s in ("empty", "thin", "broken")]
-    with caplog.at_level(logging.WARNING, logger="pipeline.cohort_qc"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.report.cohort_qc"):
         cohort_qc(rows, {m: tmp_path for m in MAGS}, tmp_path / "qc", FAST)
     out = pd.read_csv(tmp_path / "qc" / "cohort_outliers.tsv", sep="\t")
     reasons = {(r.slide_id, r.reason) for r in out.itertuples() if r.mag == "20x"}
@@ -109,7 +109,7 @@ def test_one_site_is_one_line_and_cli(tmp_path, caplog):
     rows = _cohort(tmp_path / "f", 12, sites=["H1"] * 12)
     sheet = "slide_id\tpath\tpatient_id\tsite\n" + "".join(f"{r.slide_id}\tx.svs\t{r.patient_id}\tH1\n" for r in rows)
     (tmp_path / "s.tsv").write_text(sheet)  # no label column: QC does not need one
-    with caplog.at_level(logging.WARNING, logger="pipeline.cohort_qc"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.report.cohort_qc"):
         rc = main(["cohort-qc", "--sheet", str(tmp_path / "s.tsv"), "--out-dir", str(tmp_path / "qc"),
                    *[a for m in MAGS for a in ("--features", f"{m}={tmp_path / 'f'}")]])
     assert rc == 0

@@ -13,7 +13,7 @@ from conftest import snakemake_cmd, tissue_image, venv_env, write_tiff
 
 from pipeline.config import TilingConfig
 from pipeline.store import read_feature_store, read_tile_store
-from pipeline.tile_stage import tile_to_store
+from pipeline.tiling.stage import tile_to_store
 from pipeline.verify import verify_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]

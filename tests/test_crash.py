@@ -29,7 +29,7 @@ from killpoints import run_killed
 
 from pipeline.config import TilingConfig
 from pipeline.store import FeatureStoreMeta, FeatureStoreWriter, TileSet, tiles_digest
-from pipeline.tile_stage import tile_to_store
+from pipeline.tiling.stage import tile_to_store
 from pipeline.verify import verify_results
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -107,8 +107,8 @@ def test_tile_kill9_then_rerun_is_identical(tmp_path):
         ("pipeline.store.tiles:replace_dir:1:before", "temporary store complete, not renamed yet"),
         (None, "(a complete run)"),
         ("os:replace[.old-]:1:after", "replacing an existing store: old one moved aside, new not in place"),
-        ("pipeline.tile_stage:write_mask_png:1:truncate", "store in place, mask PNG half-written"),
-        ("pipeline.tile_stage:write_png:1:before", "store and mask in place, QC PNG not written"),
+        ("pipeline.tiling.stage:write_mask_png:1:truncate", "store in place, mask PNG half-written"),
+        ("pipeline.tiling.stage:write_png:1:before", "store and mask in place, QC PNG not written"),
     ]
     for spec, what in points:
         if spec is None:

@@ -18,7 +18,7 @@ import torchvision.transforms.functional as VF
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.encoders import (
+from pipeline.features.encoders import (
     ENCODERS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -28,7 +28,7 @@ from pipeline.encoders import (
     build_encoder,
     weights_sha256,
 )
-from pipeline.foundation import FOUNDATION_MODELS
+from pipeline.features.foundation import FOUNDATION_MODELS
 
 UNI_CARD = dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True)
 SMALL_UNI = {"depth": 2}  # test-only: ViT-L width, 2 blocks instead of 24

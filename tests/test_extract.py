@@ -15,7 +15,7 @@ from killpoints import run_killed
 
 from pipeline.config import TilingConfig
 from pipeline.errors import SlideError
-from pipeline.extract import ExtractConfig, extract_features
+from pipeline.features.extract import ExtractConfig, extract_features
 from pipeline.store import (
     FeatureStoreMeta,
     FeatureStoreWriter,
@@ -25,7 +25,7 @@ from pipeline.store import (
     read_tile_store,
     store_status,
 )
-from pipeline.tile_stage import tile_to_store
+from pipeline.tiling.stage import tile_to_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -113,7 +113,7 @@ def test_resume_continues_after_last_chunk(tiled, tmp_path, monkeypatch):
     d, _ = tiled
     out = tmp_path / "f.zarr"
     cfg = ExtractConfig(batch_size=8, num_workers=0, chunk_batches=1)
-    import pipeline.extract as ex
+    import pipeline.features.extract as ex
 
     calls = {"n": 0}
     real = ex.Encoder.__call__
@@ -190,7 +190,7 @@ def test_out_of_memory_halves_the_batch(tiled, tmp_path, monkeypatch):
     """A CUDA OOM on a big batch halves the encoder batch and goes on, same features."""
     import torch
 
-    import pipeline.extract as ex
+    import pipeline.features.extract as ex
 
     d, _ = tiled
     ref = tmp_path / "ref.zarr"

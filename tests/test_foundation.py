@@ -20,9 +20,15 @@ from safetensors.torch import save_file
 from timm.layers import SwiGLUPacked
 from torch import nn
 
-from pipeline.encoders import ENCODERS, EncoderSpec, RandomInitWarning, architecture, build_encoder
 from pipeline.errors import ConfigError
-from pipeline.foundation import FOUNDATION_MODELS
+from pipeline.features.encoders import (
+    ENCODERS,
+    EncoderSpec,
+    RandomInitWarning,
+    architecture,
+    build_encoder,
+)
+from pipeline.features.foundation import FOUNDATION_MODELS
 
 REPO = Path(__file__).parents[1]
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -31,7 +37,7 @@ SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
 TWIN = {"depth": 1}
 
 # Written out again from the model cards / config.json files (not imported), so a typo in
-# pipeline/foundation.py cannot hide: arch, timm kwargs, (mean, std), resize -> crop, interpolation,
+# pipeline/features/foundation.py cannot hide: arch, timm kwargs, (mean, std), resize -> crop, interpolation,
 # precision, published width.
 CARDS = {
     "uni2_h": ("vit_giant_patch14_224",

@@ -10,7 +10,12 @@ import pytest
 from shapely.geometry import box
 
 from pipeline.cli import main
-from pipeline.lesion_eval import attention_auc, lesion_tiles, linear_probe, summarize_attention
+from pipeline.report.lesion_eval import (
+    attention_auc,
+    lesion_tiles,
+    linear_probe,
+    summarize_attention,
+)
 from pipeline.store import FeatureStoreMeta, FeatureStoreWriter, TileSet
 
 SIDE = 256

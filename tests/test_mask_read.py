@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from conftest import tissue_image, write_tiff
 
-from pipeline import tiling
 from pipeline.config import TilingConfig
-from pipeline.qc import tile_outlines
 from pipeline.slides import SlideInfo, open_slide
 from pipeline.slides.base import composite_white
-from pipeline.tiling import MASK_FINEST_MPP, make_grid, mask_resolution, tile_grid, tile_slide
-from pipeline.tissue import saturation, tissue_mask_from_saturation
+from pipeline.tiling import grid as tiling
+from pipeline.tiling.grid import MASK_FINEST_MPP, make_grid, mask_resolution, tile_grid, tile_slide
+from pipeline.tiling.qc import tile_outlines
+from pipeline.tiling.tissue import saturation, tissue_mask_from_saturation
 
 
 def info(mpp: float, downsamples: list[float], size: tuple[int, int] = (100_000, 80_000)) -> SlideInfo:

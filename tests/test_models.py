@@ -1,15 +1,15 @@
-"""Model-level tests for pipeline.models (M2OTCA, ablations, baselines, Sinkhorn, grouping)."""
+"""Model-level tests for pipeline.mil.models (M2OTCA, ablations, baselines, Sinkhorn, grouping)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.bags import assign_groups as assign_groups_np
-from pipeline.models import MODEL_NAMES, ModelConfig, create_model
-from pipeline.models.diagnostics import cross_attention_stats, plan_stats, weight_stats
-from pipeline.models.layers import group_centroids
-from pipeline.models.ot import prototype_cost, sinkhorn, spatial_cost
+from pipeline.mil.bags import assign_groups as assign_groups_np
+from pipeline.mil.models import MODEL_NAMES, ModelConfig, create_model
+from pipeline.mil.models.diagnostics import cross_attention_stats, plan_stats, weight_stats
+from pipeline.mil.models.layers import group_centroids
+from pipeline.mil.models.ot import prototype_cost, sinkhorn, spatial_cost
 
 MAGS = ("20x", "10x", "5x")
 IN_DIMS = {"20x": 24, "10x": 16, "5x": 12}
@@ -20,7 +20,7 @@ PER_SIDE = {"20x": 4, "10x": 2, "5x": 1}  # grid cells per region side (nested g
 
 
 def assign_groups(region_20x: torch.Tensor, regions: dict[str, torch.Tensor], m: int) -> dict[str, torch.Tensor]:
-    """The loader's group assignment (pipeline.bags), as tensors for the models."""
+    """The loader's group assignment (pipeline.mil.bags), as tensors for the models."""
     return {t: torch.from_numpy(g) for t, g in assign_groups_np(region_20x, regions, m).items()}
 
 
@@ -693,8 +693,8 @@ def test_workflow_schema_lists_every_model_config_field_with_its_default_and_cho
 
     import yaml
 
-    from pipeline.models import MODEL_NAMES
-    from pipeline.models import config as mc
+    from pipeline.mil.models import MODEL_NAMES
+    from pipeline.mil.models import config as mc
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
     props = schema["properties"]["training"]["properties"]["model"]["properties"]
@@ -710,7 +710,7 @@ def test_workflow_schema_lists_every_model_config_field_with_its_default_and_cho
 
 
 def test_attention_prior_reweights_and_never_empties_a_bag():
-    from pipeline.models.layers import AttentionHead
+    from pipeline.mil.models.layers import AttentionHead
 
     torch.manual_seed(0)
     head = AttentionHead(8, 4, 2)

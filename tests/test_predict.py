@@ -13,13 +13,15 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.bags import cohort_cache
 from pipeline.cli import main
+from pipeline.deploy.predict import PredictConfig, bootstrap_ci, predict_cohort
+from pipeline.deploy.trained_run import RunError, load_trained_run
 from pipeline.errors import SheetError
-from pipeline.metrics import classification_metrics, fast_metrics
-from pipeline.predict import PredictConfig, bootstrap_ci, predict_cohort
-from pipeline.sheet import read_sheet
-from pipeline.splits import write_splits
+from pipeline.mil.bags import cohort_cache
+from pipeline.mil.metrics import classification_metrics, fast_metrics
+from pipeline.mil.splits import write_splits
+from pipeline.mil.train import TrainConfig, train_fold
+from pipeline.slides.sheet import read_sheet
 from pipeline.store import TileSet, TileStoreMeta, write_tile_store
 from pipeline.synthetic.bags import (
     MAGS,
@@ -29,8 +31,6 @@ from pipeline.synthetic.bags import (
     make_slide,
     write_slide,
 )
-from pipeline.train import TrainConfig, train_fold
-from pipeline.trained_run import RunError, load_trained_run
 
 TINY = dict(dim=16, regions=(12, 24), lesion_regions=(2, 3))
 MODEL = {"d": 16, "attn_dim": 8, "n_groups": 4, "dropout": 0.0}
@@ -214,7 +214,7 @@ def test_incomplete_run_leaves_the_model_out(run_dir, tmp_path, caplog):
     shutil.copytree(run2 / "models" / "synthetic" / "abmil_3", run2 / "models" / "synthetic" / "abmil_3b")
     missing = run2 / "models" / "synthetic" / "abmil_3" / "fold_1" / "checkpoint.pt"
     missing.unlink()
-    with caplog.at_level(logging.ERROR, logger="pipeline.trained_run"):
+    with caplog.at_level(logging.ERROR, logger="pipeline.deploy.trained_run"):
         run = load_trained_run(run2)
     assert list(run.models) == ["abmil_3b"] and str(missing) in run.left_out["abmil_3"]
     assert [r.getMessage() for r in caplog.records] == [
@@ -231,7 +231,7 @@ def test_weights_are_found_by_hash(run_dir, tmp_path):
     shutil.copytree(run_dir, run2)
     w = tmp_path / "w.pth"
     w.write_bytes(b"weights")
-    from pipeline.encoders import weights_sha256
+    from pipeline.features.encoders import weights_sha256
 
     for p in (run2 / "features" / "synthetic").glob("*.zarr/zarr.json"):
         meta = json.loads(p.read_text())

@@ -13,9 +13,9 @@ import torch
 from conftest import tissue_image, venv_env, write_tiff
 
 from pipeline.config import TilingConfig
-from pipeline.encoders import build_encoder
 from pipeline.errors import ConfigError
-from pipeline.pretrain import (
+from pipeline.features.encoders import build_encoder
+from pipeline.features.pretrain import (
     KILL_ENV,
     PretrainConfig,
     SimCLR,
@@ -24,8 +24,8 @@ from pipeline.pretrain import (
     nt_xent,
     pretrain,
 )
-from pipeline.simclr_data import SimCLRTiles, sample_tiles
-from pipeline.tile_stage import tile_to_store
+from pipeline.features.simclr_data import SimCLRTiles, sample_tiles
+from pipeline.tiling.stage import tile_to_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TINY = dict(epochs=2, batch_size=4, crop=64, tiles_per_slide=2, num_workers=0, device="cpu")  # 1 step/epoch
@@ -105,8 +105,8 @@ def test_bad_input_one_line_naming_file(stores, tmp_path):
 
 
 def test_extract_rejects_truncated_or_foreign_weights(stores, tmp_path):
-    from pipeline.encoders import ENCODERS
-    from pipeline.extract import ExtractConfig, extract_features
+    from pipeline.features.encoders import ENCODERS
+    from pipeline.features.extract import ExtractConfig, extract_features
 
     good = tmp_path / "w.pth"
     pretrain(stores, ["20x"], good, PretrainConfig(**{**TINY, "epochs": 1}))
@@ -124,7 +124,7 @@ def test_extract_rejects_truncated_or_foreign_weights(stores, tmp_path):
 
 
 def test_per_magnification_weights_recorded_in_the_store(stores, tmp_path):
-    from pipeline.extract import ExtractConfig, extract_features
+    from pipeline.features.extract import ExtractConfig, extract_features
     from pipeline.store import read_feature_store
 
     w = tmp_path / "w.pth"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from pipeline.train import FUSED_ADAM_DEVICES, TrainConfig, make_optimizer
+from pipeline.mil.train import FUSED_ADAM_DEVICES, TrainConfig, make_optimizer
 
 
 def test_default_collate_stacks_into_shared_memory_in_a_worker():
@@ -61,7 +61,7 @@ def test_no_fused_adam_elsewhere():
 GLIBC_PROBE = r"""
 import json, resource
 import torch
-from pipeline.extract import _glibc, keep_freed_memory, trim_heap
+from pipeline.features.extract import _glibc, keep_freed_memory, trim_heap
 
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -15,10 +15,10 @@ import pytest
 from conftest import write_tiff
 
 import pipeline
-from pipeline import manifest
-from pipeline.heatmap import attention_canvas, load_attention, render_heatmap
+from pipeline.report import manifest
+from pipeline.report.heatmap import attention_canvas, load_attention, render_heatmap
+from pipeline.report.summary import summarize_stores, write_summary
 from pipeline.store import TileSet, TileStoreMeta, write_failed_store, write_tile_store
-from pipeline.summary import summarize_stores, write_summary
 
 # --------------------------------------------------------------------------- heatmaps
 

@@ -71,8 +71,8 @@ def test_cli_defaults_are_the_config_defaults(command, dest):
 
 def test_config_dataclass_defaults_are_the_schema_defaults():
     from pipeline.config import TilingConfig
-    from pipeline.extract import ExtractConfig
-    from pipeline.train import TrainConfig
+    from pipeline.features.extract import ExtractConfig
+    from pipeline.mil.train import TrainConfig
 
     for cls, section in ((TilingConfig, "tiling"), (TrainConfig, "training"), (ExtractConfig, "features")):
         props = SCHEMA["properties"][section]["properties"]
@@ -84,9 +84,9 @@ def test_config_dataclass_defaults_are_the_schema_defaults():
 
 
 def test_ids_follow_one_rule():
-    """The cohort name and slide ids are folder names: one rule (pipeline.sheet.SAFE_ID), which
+    """The cohort name and slide ids are folder names: one rule (pipeline.slides.sheet.SAFE_ID), which
     the workflow's wildcard constraint also uses."""
-    from pipeline.sheet import SAFE_ID
+    from pipeline.slides.sheet import SAFE_ID
 
     assert SCHEMA["properties"]["cohort"]["pattern"] == SAFE_ID.pattern
     common = (REPO / "workflow" / "rules" / "common.smk").read_text()
@@ -95,7 +95,7 @@ def test_ids_follow_one_rule():
 
 def test_model_names_in_the_config_are_registered():
     """(The schema's `models` enum is compared with MODEL_NAMES in tests/test_models.py.)"""
-    from pipeline.models import MODEL_NAMES
+    from pipeline.mil.models import MODEL_NAMES
 
     for key in ("reference_model", "heatmaps.model"):
         assert schema_default(key) in MODEL_NAMES, key

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import SheetError
-from pipeline.sheet import parse_sheet, read_sheet
+from pipeline.slides.sheet import parse_sheet, read_sheet
 
 HEADER = "slide_id\tpath\tlabel\tpatient_id\tmpp\tsplit\n"
 

@@ -173,7 +173,7 @@ def test_huge_single_level_slide_is_read_in_bounded_blocks(tmp_path, monkeypatch
     """No whole-level read: every read while masking stays under max_read_pixels."""
     from pipeline.config import TilingConfig
     from pipeline.slides.tiff_reader import TiffSlide
-    from pipeline.tiling import tile_slide
+    from pipeline.tiling.grid import tile_slide
 
     path = write_tiff(tmp_path / "big.tif", tissue_image(3000, 4000), mpp=0.25, tiled=False)
     sizes = []

@@ -1,4 +1,4 @@
-"""Model-comparison statistics (pipeline.stats) and the cross-fold summary (pipeline.metrics)."""
+"""Model-comparison statistics (pipeline.mil.stats) and the cross-fold summary (pipeline.mil.metrics)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from pipeline.metrics import METRICS, classification_metrics, fast_metrics, summarize
-from pipeline.stats import corrected_resampled_ttest, delong, delong_test, patient_bootstrap
+from pipeline.mil.metrics import METRICS, classification_metrics, fast_metrics, summarize
+from pipeline.mil.stats import corrected_resampled_ttest, delong, delong_test, patient_bootstrap
 
 
 def _delong_by_definition(y, scores):

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from pipeline.config import TilingConfig
 from pipeline.store import read_tile_store, store_status
-from pipeline.tile_stage import tile_to_store
-from pipeline.tiling import area_fractions, make_grid, tile_grid
+from pipeline.tiling.grid import area_fractions, make_grid, tile_grid
+from pipeline.tiling.stage import tile_to_store
 
 CFG = TilingConfig()
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pipeline.bags import assign_groups, cohort_cache, collate, tile_sides
-from pipeline.metrics import METRICS, classification_metrics
-from pipeline.models import ModelConfig, create_model
-from pipeline.sheet import SlideRow, read_sheet
-from pipeline.splits import fold_names, make_splits, read_splits, write_splits
+from pipeline.mil.bags import assign_groups, cohort_cache, collate, tile_sides
+from pipeline.mil.metrics import METRICS, classification_metrics
+from pipeline.mil.models import ModelConfig, create_model
+from pipeline.mil.splits import fold_names, make_splits, read_splits, write_splits
+from pipeline.mil.train import TrainConfig, evaluate_fold, iter_batches, predict, train_fold
+from pipeline.slides.sheet import SlideRow, read_sheet
 from pipeline.store import read_feature_store
 from pipeline.synthetic.bags import MAGS, TILE_PX, SynthConfig, make_cohort, make_slide, synth_bags
-from pipeline.train import TrainConfig, evaluate_fold, iter_batches, predict, train_fold
 
 TINY = dict(dim=16, regions=(12, 24), lesion_regions=(2, 3))
 MODEL = {"d": 16, "attn_dim": 8, "n_groups": 4, "dropout": 0.25}
@@ -161,7 +161,7 @@ def test_failed_tiles_dropped_from_bags(tmp_path):
 
 def test_failed_stores_left_out_with_warning(cohort, caplog):
     cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, 4)
-    with caplog.at_level(logging.WARNING, logger="pipeline.bags"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.mil.bags"):
         ok = cache.usable(cohort.slides)
     failed = [s for s, k in cohort.kinds.items() if k == "failed"]
     assert len(failed) == 2 and not set(failed) & set(ok)
@@ -309,7 +309,7 @@ def test_early_stopping_keeps_best_val_auc_epoch(cohort, loaded, tmp_path):
     assert length < 12 and best_epoch < length - 1  # it did stop early, and kept an earlier epoch
     assert hist["val_auc"].fillna(0.5).max() == pytest.approx(hist["val_auc"].fillna(0.5)[best_epoch])
     # the kept weights are that epoch's: they reproduce its validation AUC and loss
-    from pipeline.train import load_model
+    from pipeline.mil.train import load_model
 
     res = predict(load_model(ckpt), cache, val_ids, list(MAGS), 3)
     y = np.array([cache.labels[s] for s in val_ids])
@@ -325,10 +325,12 @@ def test_early_stopping_keeps_best_val_auc_epoch(cohort, loaded, tmp_path):
 def test_device_resolution_is_one_rule(monkeypatch):
     """Extraction, training and prediction resolve `device` alike: auto falls back to the CPU,
     a device this machine lacks or a name torch does not know is a one-line ConfigError."""
-    from pipeline import extract, predict, train
+    from pipeline.deploy import predict
     from pipeline.devices import resolve_device
     from pipeline.errors import ConfigError
-    from pipeline.train import to_device
+    from pipeline.features import extract
+    from pipeline.mil import train
+    from pipeline.mil.train import to_device
 
     assert extract.resolve_device is resolve_device and train.resolve_device is resolve_device
     assert "pick_device" not in vars(extract) and "resolve_device" not in vars(predict)  # no second copy
@@ -369,7 +371,7 @@ def test_evaluate_fold_outputs(cohort, loaded, tmp_path):
 
 
 def test_cross_attention_read_outs_in_history_predictions_and_figure(cohort, loaded, tmp_path):
-    from pipeline.crossattn import plot_cross_attention
+    from pipeline.report.crossattn import plot_cross_attention
 
     cache, classes, ids = loaded
     train_ids, val_ids = _parts(ids, cohort.labels)

@@ -16,9 +16,9 @@ from conftest import tissue_image, write_tiff
 
 from pipeline.cli import main
 from pipeline.config import TilingConfig
-from pipeline.extract import ExtractConfig, extract_features
+from pipeline.features.extract import ExtractConfig, extract_features
 from pipeline.store import FeatureStoreMeta, FeatureStoreWriter, read_tile_store, write_failed_store
-from pipeline.tile_stage import tile_to_store
+from pipeline.tiling.stage import tile_to_store
 from pipeline.verify import verify_results
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

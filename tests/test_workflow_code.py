@@ -77,7 +77,7 @@ def test_snakemake_process_never_imports_torch(tmp_path):
     code = ("import sys\nfrom snakemake.cli import main\n"
             f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    rc = e.code\n"
             "print('RC', rc, 'TORCH' if 'torch' in sys.modules else 'NO-TORCH', "
-            "sorted(m for m in sys.modules if m in ('timm', 'torchvision', 'pipeline.encoders')))")
+            "sorted(m for m in sys.modules if m in ('timm', 'torchvision', 'pipeline.features.encoders')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=venv_env())
     out = r.stdout + r.stderr
     assert "RC 0 NO-TORCH []" in out, out[-3000:]

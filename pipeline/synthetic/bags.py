@@ -2,7 +2,7 @@
 
 No slides, no encoder: every slide is a nested grid of regions (the coarsest, 5x, cells) holding
 4x4 20x tiles, 2x2 10x tiles and one 5x tile, with region ids in raster order, coordinates,
-grid positions and parents consistent with :mod:`pipeline.tiling`. Its features are written
+grid positions and parents consistent with :mod:`pipeline.tiling.grid`. Its features are written
 through :class:`pipeline.store.FeatureStoreWriter`, so the training code reads them exactly as it
 reads real ones; a slide sheet TSV (`slide_id`, `path`, `label`, `patient_id`, optional `split`)
 comes with them.
@@ -380,11 +380,11 @@ def make_cohort(out_dir: str | Path, cfg: SynthConfig | None = None, failed_slid
 def synth_bags(cfg: SynthConfig, n_groups: int) -> tuple[list, list[dict[str, float]]]:
     """Every slide of the cohort as a training bag, in memory, and its oracle scores.
 
-    Bags go through :func:`pipeline.bags.make_bag`, the function that turns a feature store
+    Bags go through :func:`pipeline.mil.bags.make_bag`, the function that turns a feature store
     into a bag (groups, tile centres), so a model sees exactly what it would see from stores
     written by :func:`write_slide` (tested); only the disk round trip is skipped.
     """
-    from pipeline.bags import make_bag
+    from pipeline.mil.bags import make_bag
 
     labels, patients, _ = assign_slides(cfg)
     ctx, dirs = _directions(cfg)

@@ -9,8 +9,8 @@ from snakemake.utils import validate
 
 from pipeline import provenance
 from pipeline.config import check_model_options
-from pipeline.sheet import SAFE_ID, SlideRow, read_sheet
-from pipeline.splits import check_splittable
+from pipeline.slides.sheet import SAFE_ID, SlideRow, read_sheet
+from pipeline.mil.splits import check_splittable
 
 # Nothing here may import torch (or any module that does): this runs in the Snakemake process.
 # training.model first: ModelConfig names a wrong key or value in one line with the allowed ones
@@ -31,7 +31,7 @@ BENCH = f"benchmarks/{COHORT}"
 PREDICT_RUN = config["predict"]["run"]
 RUN = None
 if PREDICT_RUN:
-    from pipeline.trained_run import load_trained_run
+    from pipeline.deploy.trained_run import load_trained_run
 
     if Path(PREDICT_RUN).resolve() == Path(RESULTS).resolve():
         raise ValueError(
@@ -75,7 +75,7 @@ def get_sheet():
 
 @functools.cache
 def _load_sheet(path):
-    """The sheet, validated once by pipeline.sheet (the CLI's own check, errors naming the row)."""
+    """The sheet, validated once by pipeline.slides.sheet (the CLI's own check, errors naming the row)."""
     rows = read_sheet(
         config["slides"],
         allowed_roots=[Path(r) for r in config["allowed_roots"]] or None,

@@ -128,7 +128,7 @@ class Encoder:
     """The model plus its on-device transform, precision and an OOM-halving batch size."""
 
     def __init__(self, name: str, weights: str | None, device: torch.device, compile: bool = False):
-        from pipeline.encoders import build_encoder
+        from pipeline.features.encoders import build_encoder
 
         self.model, self.spec = build_encoder(name, weights)
         self.device = device

@@ -194,7 +194,7 @@ def read_mask_inputs(slide: Slide, mask_mpp: float, max_read_pixels: int) -> tup
     QC picture. The full-size RGB image exists only when it is the QC picture itself (k = 1).
     Returns (saturation (h, w) uint8, QC picture (ceil(h/k), ceil(w/k), 3) uint8, k).
     """
-    from pipeline.tissue import saturation
+    from pipeline.tiling.tissue import saturation
 
     h, w = slide.thumbnail_shape(mask_mpp)
     k = max(1, math.ceil(max(h, w) / QC_SIDE))
@@ -214,9 +214,9 @@ def tile_slide(slide: Slide, cfg: TilingConfig,
     """Mask tissue and tile the slide at every configured magnification (one slide read).
 
     `restrict(mask, level-0 px per mask px) -> mask`, when given, edits the tissue mask before
-    tiling (annotated include / exclude regions, :func:`pipeline.annotations.mask_restriction`).
+    tiling (annotated include / exclude regions, :func:`pipeline.slides.annotations.mask_restriction`).
     """
-    from pipeline.tissue import tissue_mask_from_saturation
+    from pipeline.tiling.tissue import tissue_mask_from_saturation
 
     check_targets(slide, cfg)
     info = slide.info

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import SlideError
-from pipeline.models.config import magnification_value, order_magnifications
+from pipeline.mil.models.config import magnification_value, order_magnifications
 from pipeline.store import read_attrs, read_feature_store, store_status
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def feature_fingerprints(stores: dict[str, Path]) -> dict[str, str]:
 
 def cohort_cache(sheet: str | Path, feature_dirs: dict[str, Path], n_groups: int) -> tuple[BagCache, list[str]]:
     """A BagCache over every slide of the sheet, and the class names (sorted labels)."""
-    from pipeline.sheet import read_sheet
+    from pipeline.slides.sheet import read_sheet
 
     rows = read_sheet(sheet, check_files=False)
     classes = sorted({r.label for r in rows})

@@ -5,7 +5,7 @@ Zhu, Meijering & Wang, Medical Image Analysis 112 (2026) 104082. Per magnificati
 
 - E1: ``Linear(D_t, d) -> ReLU -> Dropout`` per tile, gated-attention scores, segment softmax
   inside each of the m groups (same tissue at every magnification, see
-  ``pipeline.bags.assign_groups``) as a masked softmax over a (B, m, N) group-membership
+  ``pipeline.mil.bags.assign_groups``) as a masked softmax over a (B, m, N) group-membership
   mask, then one ``bmm`` of those weights
   with the tile embeddings (``layers.segment_attention_pool``) -> prototypes P1_t (B, m, d);
   empty groups are masked.
@@ -187,7 +187,7 @@ class M2OTCA(nn.Module):
             if "xy" not in batch:
                 raise ValueError(
                     f"ot_cost={cfg.ot_cost!r} needs the tiles' level-0 centres in batch['xy'] "
-                    "(pipeline.bags.collate adds them); use ot_cost='feature' without them"
+                    "(pipeline.mil.bags.collate adds them); use ot_cost='feature' without them"
                 )
             cent = {
                 s: group_centroids(batch["xy"][s], batch["group"][s], tvalid[s], cfg.n_groups)

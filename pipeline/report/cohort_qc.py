@@ -26,7 +26,7 @@ import pandas as pd
 
 from pipeline.atomic import atomic_path, write_json, write_tsv
 from pipeline.errors import SlideError
-from pipeline.sheet import SlideRow
+from pipeline.slides.sheet import SlideRow
 from pipeline.store import open_features_dask, store_state
 
 log = logging.getLogger(__name__)

@@ -62,7 +62,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 
 @functools.cache
 def _sha256(path: str, size: int, mtime: float) -> str:
-    from pipeline.encoders import weights_sha256
+    from pipeline.features.encoders import weights_sha256
 
     return weights_sha256(path)
 

@@ -36,12 +36,12 @@ import torch.nn.functional as F
 
 from pipeline import __version__
 from pipeline.atomic import atomic_path, json_safe, write_text, write_tsv
-from pipeline.bags import BagCache, collate
 from pipeline.config import check_model_options, checked_options
 from pipeline.devices import resolve_device
-from pipeline.metrics import classification_metrics
-from pipeline.models import ModelConfig, create_model
-from pipeline.models.diagnostics import cross_attention_stats
+from pipeline.mil.bags import BagCache, collate
+from pipeline.mil.metrics import classification_metrics
+from pipeline.mil.models import ModelConfig, create_model
+from pipeline.mil.models.diagnostics import cross_attention_stats
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cache: BagCa
 def predict(model: torch.nn.Module, cache: BagCache, ids: list[str], mags: list[str], batch_size: int,
             prefetch: int = 2) -> dict[str, Any]:
     """Class probabilities, branch logits, tile attention and cross-attention read-outs
-    (:mod:`pipeline.models.diagnostics`, one value per slide) for `ids` (model in eval mode)."""
+    (:mod:`pipeline.mil.models.diagnostics`, one value per slide) for `ids` (model in eval mode)."""
     model.eval()
     device = next(model.parameters()).device
     probs, branch, attn, stats = [], {}, {}, {}

@@ -20,7 +20,7 @@ import pandas as pd
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from pipeline.bags import tile_sides
+from pipeline.mil.bags import tile_sides
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def attention_auc(attention_files: Mapping[str, list[str | Path]],
     `attention_files`: model -> attention.npz files (e.g. one per fold; each test slide once).
     Slides without a lesion in `lesions` are skipped (no positives).
     """
-    from pipeline.heatmap import load_attention
+    from pipeline.report.heatmap import load_attention
 
     rows = []
     for model, files in attention_files.items():

@@ -1,4 +1,4 @@
-"""Typed configuration shared by every MIL model in :mod:`pipeline.models`."""
+"""Typed configuration shared by every MIL model in :mod:`pipeline.mil.models`."""
 
 from __future__ import annotations
 

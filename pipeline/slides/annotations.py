@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 UNCLASSIFIED = "Unclassified"  # class of a QuPath object without a classification
 # QuPath object types read as annotations by default: `tile` objects are the pipeline's own grid
-# (see pipeline.geojson), not something a person drew.
+# (see pipeline.report.geojson), not something a person drew.
 ANNOTATION_TYPES = ("annotation", "detection", "cell", "unknown")
 
 

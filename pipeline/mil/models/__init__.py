@@ -27,6 +27,7 @@ the cross-entropy on ``logits``; the others never return it, so a trainer can al
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from torch import nn
 
@@ -36,54 +37,57 @@ from .m2otca import M2OTCA
 from .ot import sinkhorn
 from .transmil import TransMIL, TransMIL3
 
-# name -> (use_ot, use_grad) for the M2OTCA family
-_M2OTCA_VARIANTS = {
-    "m2otca": (True, True),
-    "m2otca_paper": (True, True),
-    "m2otca_a": (False, False),
-    "m2otca_b": (False, True),
-    "m2otca_c": (True, False),
-}
-_ABMIL_SINGLE = {"abmil_20x": "20x", "abmil_10x": "10x", "abmil_5x": "5x"}
+Builder = Callable[[dict[str, int], int, ModelConfig], nn.Module]  # (in_dims, n_classes, cfg) -> model
 
-MODEL_NAMES: tuple[str, ...] = (
-    *_M2OTCA_VARIANTS,
-    *_ABMIL_SINGLE,
-    "abmil_3",
-    "clam_sb_3",
-    "transmil_3",
-)
+
+def _m2otca(use_ot: bool, use_grad: bool, paper: bool = False) -> Builder:
+    def build(in_dims: dict[str, int], n_classes: int, cfg: ModelConfig) -> nn.Module:
+        cfg = dataclasses.replace(cfg, **PAPER_CROSS_ATTENTION) if paper else cfg
+        return M2OTCA(dict(in_dims), n_classes, cfg, use_ot=use_ot, use_grad=use_grad)
+
+    return build
+
+
+def _abmil(mag: str) -> Builder:
+    def build(in_dims: dict[str, int], n_classes: int, cfg: ModelConfig) -> nn.Module:
+        if mag not in in_dims:
+            raise KeyError(f"model abmil_{mag} needs magnification {mag!r}; in_dims has {list(in_dims)}")
+        return ABMIL(in_dims[mag], n_classes, cfg, mag)
+
+    return build
+
+
+# The registry (as ENCODERS and slides.READERS): name -> builder; the config schema's model
+# enum is checked against it by a test.
+MODELS: dict[str, Builder] = {
+    "m2otca": _m2otca(use_ot=True, use_grad=True),
+    "m2otca_paper": _m2otca(use_ot=True, use_grad=True, paper=True),
+    "m2otca_a": _m2otca(use_ot=False, use_grad=False),
+    "m2otca_b": _m2otca(use_ot=False, use_grad=True),
+    "m2otca_c": _m2otca(use_ot=True, use_grad=False),
+    "abmil_20x": _abmil("20x"),
+    "abmil_10x": _abmil("10x"),
+    "abmil_5x": _abmil("5x"),
+    "abmil_3": lambda in_dims, n_classes, cfg: ABMIL3(dict(in_dims), n_classes, cfg),
+    "clam_sb_3": lambda in_dims, n_classes, cfg: CLAMSB3(dict(in_dims), n_classes, cfg),
+    "transmil_3": lambda in_dims, n_classes, cfg: TransMIL3(dict(in_dims), n_classes, cfg),
+}
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 
 
 def create_model(
     name: str, in_dims: dict[str, int], n_classes: int, cfg: ModelConfig | None = None
 ) -> nn.Module:
     """Build model ``name`` for per-magnification input dims ``in_dims`` and ``n_classes``."""
-    cfg = cfg if cfg is not None else ModelConfig()
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
     if n_classes < 2:
         raise ValueError(f"n_classes must be >= 2, got {n_classes}")
-    if name in _M2OTCA_VARIANTS:
-        use_ot, use_grad = _M2OTCA_VARIANTS[name]
-        if name == "m2otca_paper":
-            cfg = dataclasses.replace(cfg, **PAPER_CROSS_ATTENTION)
-        return M2OTCA(dict(in_dims), n_classes, cfg, use_ot=use_ot, use_grad=use_grad)
-    if name in _ABMIL_SINGLE:
-        mag = _ABMIL_SINGLE[name]
-        if mag not in in_dims:
-            raise KeyError(
-                f"model {name!r} needs magnification {mag!r}; in_dims has {list(in_dims)}"
-            )
-        return ABMIL(in_dims[mag], n_classes, cfg, mag)
-    if name == "abmil_3":
-        return ABMIL3(dict(in_dims), n_classes, cfg)
-    if name == "clam_sb_3":
-        return CLAMSB3(dict(in_dims), n_classes, cfg)
-    if name == "transmil_3":
-        return TransMIL3(dict(in_dims), n_classes, cfg)
-    raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
+    return MODELS[name](in_dims, n_classes, cfg if cfg is not None else ModelConfig())
 
 
 __all__ = [
+    "MODELS",
     "MODEL_NAMES",
     "ModelConfig",
     "create_model",

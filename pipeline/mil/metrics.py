@@ -1,5 +1,5 @@
 """Metrics (scikit-learn), cross-fold summaries with bootstrap CIs and model comparisons
-(:mod:`pipeline.stats`), ROC figures (matplotlib)."""
+(:mod:`pipeline.mil.stats`), ROC figures (matplotlib)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from sklearn.metrics import (
 )
 
 from pipeline.atomic import atomic_path
-from pipeline.stats import corrected_resampled_ttest, delong_test, patient_bootstrap
+from pipeline.mil.stats import corrected_resampled_ttest, delong_test, patient_bootstrap
 
 METRICS = ("auc", "acc", "balanced_acc", "f1")
 
@@ -157,7 +157,7 @@ def summarize(metric_files: list[str | Path], reference: str = "m2otca", splits:
     """Per-fold table, and per model: mean ± std over folds, a patient-level bootstrap 95 % CI of
     that mean (from the predictions.csv beside each metrics.json) and a test of the AUC against
     `reference`: DeLong's when every fold tests the same slides (a fixed test set), else the
-    corrected resampled t-test over folds (:mod:`pipeline.stats`)."""
+    corrected resampled t-test over folds (:mod:`pipeline.mil.stats`)."""
     metric_files = [Path(f) for f in metric_files]
     rows = []
     for f in metric_files:

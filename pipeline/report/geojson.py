@@ -14,7 +14,7 @@ as QuPath reads them (File > Import objects). Objects:
 `properties` follow QuPath's GeoJSON (0.4+): `objectType`, `classification` {`name`, `color`
 [r, g, b]}, `name`, `color`, `measurements` {name: number}. Feature ids are UUIDs derived from
 the slide and object, so a rerun writes the same bytes. Read back with
-:func:`pipeline.annotations.read_annotations` (tiles: `object_types=("tile",)`).
+:func:`pipeline.slides.annotations.read_annotations` (tiles: `object_types=("tile",)`).
 """
 
 from __future__ import annotations

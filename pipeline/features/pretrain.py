@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from pipeline.atomic import atomic_path
-from pipeline.encoders import _RESNET_CHILDREN, ENCODERS, RANDOM_INIT_SEED
 from pipeline.errors import ConfigError
-from pipeline.simclr_data import SimCLRTiles, sample_tiles
+from pipeline.features.encoders import _RESNET_CHILDREN, ENCODERS, RANDOM_INIT_SEED
+from pipeline.features.simclr_data import SimCLRTiles, sample_tiles
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def pretrain(stores: list[str | Path], mags: list[str], out: str | Path,
         _maybe_kill("epoch", epoch)
     model.cpu()
     _save(dsmil_state_dict(model.encoder), out)
-    from pipeline.encoders import weights_sha256
+    from pipeline.features.encoders import weights_sha256
 
     summary = {"weights": str(out), "sha256": weights_sha256(out), "mags": mags, "slides": len({s.store for s in slides}),
                "tiles": len(ds), "steps_per_epoch": n_batches, "epochs": cfg.epochs, "resumed_at_epoch": start,

@@ -11,10 +11,10 @@ import numpy as np
 
 from pipeline.config import TilingConfig
 from pipeline.errors import SlideError
-from pipeline.qc import qc_image, write_mask_png, write_png
 from pipeline.slides import fingerprint, open_slide
 from pipeline.store import TileStoreMeta, write_failed_store, write_tile_store
-from pipeline.tiling import TilingResult, tile_slide
+from pipeline.tiling.grid import TilingResult, tile_slide
+from pipeline.tiling.qc import qc_image, write_mask_png, write_png
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,11 @@ def tile_to_store(slide_path: str | Path, out: str | Path, cfg: TilingConfig, mp
     with open_slide(slide_path, mpp=mpp) as slide:
         info = slide.info
         if annotations and (include or exclude):
-            from pipeline.annotations import AnnotationError, mask_restriction, read_annotations
+            from pipeline.slides.annotations import (
+                AnnotationError,
+                mask_restriction,
+                read_annotations,
+            )
 
             try:
                 ann = read_annotations(annotations, (info.width, info.height))

@@ -16,7 +16,7 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from pipeline.atomic import write_tsv
 from pipeline.errors import SheetError
-from pipeline.sheet import SlideRow
+from pipeline.slides.sheet import SlideRow
 
 
 def _carve(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int):

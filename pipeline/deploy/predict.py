@@ -1,7 +1,7 @@
 """Apply a trained run to new slides: the k fold models as an ensemble, external validation.
 
 Every slide's stores are first checked against the run's recorded contract
-(:mod:`pipeline.trained_run`): features from another encoder or weights, or tiles cut with
+(:mod:`pipeline.deploy.trained_run`): features from another encoder or weights, or tiles cut with
 other parameters, are refused with one line naming the slide and the mismatch, and the rest of
 the cohort goes on. Each slide is predicted alone (batch of one), so its probability never
 depends on which other slides are in the cohort. The ensemble probability is the mean of the
@@ -28,11 +28,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.atomic import atomic_path, write_json, write_tsv
-from pipeline.metrics import METRICS, classification_metrics, fast_metrics
-from pipeline.sheet import SlideRow
-from pipeline.stats import patient_bootstrap
+from pipeline.deploy.trained_run import TrainedRun, feature_mismatch, tiling_mismatch
+from pipeline.mil.metrics import METRICS, classification_metrics, fast_metrics
+from pipeline.mil.stats import patient_bootstrap
+from pipeline.slides.sheet import SlideRow
 from pipeline.store import read_attrs, store_state
-from pipeline.trained_run import TrainedRun, feature_mismatch, tiling_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ def check_slide(run: TrainedRun, slide_id: str, feature_dirs: dict[str, Path],
 
 def bootstrap_ci(y: np.ndarray, prob: np.ndarray, patients: np.ndarray, classes: list[str],
                  n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
-    """Percentile CIs of :data:`pipeline.metrics.METRICS`, resampling PATIENTS with replacement
-    (:func:`pipeline.stats.patient_bootstrap`). A resample with one class only has no AUC and is
+    """Percentile CIs of :data:`pipeline.mil.metrics.METRICS`, resampling PATIENTS with replacement
+    (:func:`pipeline.mil.stats.patient_bootstrap`). A resample with one class only has no AUC and is
     skipped for it; a metric undefined on more than half of the resamples has no CI (NaN)."""
     y = np.asarray(y, dtype=np.int64)
 
@@ -114,9 +114,9 @@ def ensemble_predict(run: TrainedRun, model_name: str, slide_ids: list[str], fea
     (fold-mean attention, coords), slide -> why it could not be loaded)."""
     import torch
 
-    from pipeline.bags import BagCache
     from pipeline.errors import SlideError
-    from pipeline.train import load_model, predict, seed_everything
+    from pipeline.mil.bags import BagCache
+    from pipeline.mil.train import load_model, predict, seed_everything
 
     seed_everything(cfg.seed)
     ckpts = [torch.load(p, map_location="cpu", weights_only=False) for p in run.models[model_name]]
@@ -277,7 +277,7 @@ def write_model_outputs(run: TrainedRun, model_name: str, rows: list[SlideRow], 
         np.savez_compressed(tmp, **arrays)
     plot_scores(pred, run.classes, run.folds, metrics, out_dir / "scores.png", title=f"{model_name} on {len(ids)} new slides")
     if tiles_dir is not None:
-        from pipeline.heatmap import render_heatmap
+        from pipeline.report.heatmap import render_heatmap
 
         for sid in pick_heatmap_slides(pred, run.classes, cfg.heatmap_slides, cfg.heatmap_n):
             a = read_attrs(tiles_dir / f"{sid}.zarr")
@@ -349,9 +349,9 @@ def prepare_slides(run: TrainedRun, rows: list[SlideRow], results: str | Path, b
     from pipeline.config import TilingConfig
     from pipeline.devices import resolve_device
     from pipeline.errors import SlideError
-    from pipeline.extract import Encoder, ExtractConfig, extract_features
+    from pipeline.features.extract import Encoder, ExtractConfig, extract_features
     from pipeline.store import write_failed_store
-    from pipeline.tile_stage import record_failure, tile_to_store
+    from pipeline.tiling.stage import record_failure, tile_to_store
 
     results = Path(results)
     tiling = TilingConfig.from_dict(run.tiling)

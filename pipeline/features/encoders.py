@@ -7,7 +7,7 @@ normalises whole uint8 batches on the GPU (`batch_transform`) and describes itse
 attributes.
 
 Registered names: `resnet18_simclr` (DSMIL's SimCLR ResNet-18), `uni` (UNI ViT-L/16), the
-foundation models of `pipeline.foundation` (`uni2_h`, `virchow2`, `h_optimus_0`, `h_optimus_1`,
+foundation models of `pipeline.features.foundation` (`uni2_h`, `virchow2`, `h_optimus_0`, `h_optimus_1`,
 `prov_gigapath`) and `timm:<model name>` for any timm architecture with local weights.
 Nothing is downloaded.
 """
@@ -29,7 +29,7 @@ from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
-from pipeline.foundation import FOUNDATION_MODELS, foundation_spec
+from pipeline.features.foundation import FOUNDATION_MODELS, foundation_spec
 from pipeline.provenance import file_sha256
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ ENCODERS: dict[str, _Recipe] = {
                             std=IMAGENET_STD, precision=torch.bfloat16, interpolation="bilinear"),
         adapt=_as_is,
     ),
-    # pipeline.foundation: each model card's timm arguments, transform, pooling and precision
+    # pipeline.features.foundation: each model card's timm arguments, transform, pooling and precision
     **{name: _Recipe(factory=fm.build, spec=foundation_spec(fm), adapt=_as_is)
        for name, fm in FOUNDATION_MODELS.items()},
 }

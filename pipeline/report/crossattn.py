@@ -1,5 +1,5 @@
 """Figure of what M2OTCA's cross-attention does on a cohort (read-outs of
-:mod:`pipeline.models.diagnostics`): per epoch on the validation slides (history.tsv) and per
+:mod:`pipeline.mil.models.diagnostics`): per epoch on the validation slides (history.tsv) and per
 test slide (predictions.csv), for every model of a run that has an OT plan or gradient weights.
 
 A user reads it as: is the OT plan on aligned tissue (near 1) or spread over the bag (near

@@ -1,0 +1,1 @@
+"""Features: patch encoders (ResNet-18 SimCLR, UNI, foundation models), extraction into feature stores, SimCLR pretraining."""
