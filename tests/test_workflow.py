@@ -92,7 +92,7 @@ def test_features_and_models_rerun_only_what_changed(tmp_path):
     assert (res / "metrics" / "resnet18_simclr" / "manifest.json").exists()
     assert "Nothing to be done" in (r2 := snakemake(work, "-n", repo=repo)).stdout + r2.stderr
     # changed extraction code: extraction, then training and evaluation again; never tiling
-    encoders = repo / "pipeline" / "encoders.py"
+    encoders = repo / "pipeline" / "features" / "encoders.py"
     original = encoders.read_text()
     encoders.write_text(original + "\n_CHANGED = 1\n")
     out = (r := snakemake(work, "-n", repo=repo)).stdout + r.stderr
@@ -102,7 +102,7 @@ def test_features_and_models_rerun_only_what_changed(tmp_path):
     assert jobs.get("train_mil") == 2 and jobs.get("evaluate_mil") == 2, jobs
     encoders.write_text(original)
     # changed training code: training and what follows it only
-    train = repo / "pipeline" / "train.py"
+    train = repo / "pipeline" / "mil" / "train.py"
     original = train.read_text()
     train.write_text(original + "\n_CHANGED = 1\n")
     jobs = jobs_of((r := snakemake(work, "-n", "--quiet", "rules", repo=repo)).stdout + r.stderr)
