@@ -16,8 +16,8 @@
   fusion.
 
 Every model takes ``forward(batch, labels=None)`` with ``batch["feats"][t]`` (B, N_t, D_t),
-``batch["mask"][t]`` (B, N_t) bool and ``batch["group"][t]`` (B, N_t) long (-1 = padding),
-and returns a dict with ``logits`` (B, C), ``branch_logits``, ``tile_attention`` and
+``batch["mask"][t]`` (B, N_t) bool, ``batch["group"][t]`` (B, N_t) long (-1 = padding) and,
+for M2OTCA's spatial plan, ``batch["xy"][t]`` (B, N_t, 2) level-0 tile centres, and returns a dict with ``logits`` (B, C), ``branch_logits``, ``tile_attention`` and
 ``proto_attention`` (dicts keyed by magnification). Models with an auxiliary training loss
 (``clam_sb_3``, in training mode with ``labels``) also return ``aux_loss``, a scalar to ADD to
 the cross-entropy on ``logits``; the others never return it, so a trainer can always use
