@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from pipeline.atomic import atomic_path
+from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError
 from pipeline.features.encoders import _RESNET_CHILDREN, ENCODERS, RANDOM_INIT_SEED
 from pipeline.features.simclr_data import SimCLRTiles, sample_tiles
@@ -97,12 +98,6 @@ def dsmil_state_dict(encoder: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def checkpoint_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".ckpt")
@@ -167,7 +162,7 @@ def pretrain(stores: list[str | Path], mags: list[str], out: str | Path,
     if n_batches * cfg.batch_size < len(ds):
         log.info("%d tiles: %d batches of %d per epoch (the last %d tiles of each shuffled epoch dropped)",
                  len(ds), n_batches, cfg.batch_size, len(ds) - n_batches * cfg.batch_size)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED + cfg.seed)
