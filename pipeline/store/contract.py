@@ -123,11 +123,9 @@ class _Meta:
         for k in ("level0_size", "region_grid", "magnifications"):
             if k in known and known[k] is not None:
                 known[k] = tuple(known[k])
-        obj = cls(**known)
-        if "extra" in names:
-            rest = {k: v for k, v in attrs.items() if k not in names and k not in ("kind", "status")}
-            obj = dataclasses.replace(obj, extra=rest)
-        return obj
+        if "extra" in names:  # everything else but the writer's kind and status
+            known["extra"] = {k: v for k, v in attrs.items() if k not in names and k not in ("kind", "status")}
+        return cls(**known)
 
 
 @dataclass(frozen=True)
