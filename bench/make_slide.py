@@ -11,6 +11,7 @@ Each pyramid level is assembled from crops pre-downsampled once, never from leve
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -24,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.synthetic.slides import level_shapes, write_pyramid_tiff  # noqa: E402
 
-DEFAULT_SOURCE = ROOT.parent / "shared" / "slides" / "CMU-1-Small-Region.svs"
+# the shared public slides (PIPELINE_SHARED_SLIDES relocates them, as for the tests)
+DEFAULT_SOURCE = Path(os.environ.get("PIPELINE_SHARED_SLIDES", ROOT.parent / "shared" / "slides")) / "CMU-1-Small-Region.svs"
 CELL = 1024  # mosaic cell (level-0 px); a multiple of every level's downsample
 BLOCK = 256  # tissue/background decided per 256-px block (one level-0 tile)
 N_CROPS = 12  # distinct source crops; x 8 rotations/flips = 96 cell variants

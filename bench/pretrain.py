@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.features.pretrain import PretrainConfig, _device, pretrain
+    from pipeline.devices import resolve_device
+    from pipeline.features.pretrain import PretrainConfig, pretrain
 
-    device = _device(a.device)
+    device = resolve_device(a.device)
     per_slide = -(-a.steps * a.batch_size // len(a.stores))  # enough tiles for `steps` batches
     cfg = PretrainConfig(epochs=1, batch_size=a.batch_size, crop=a.crop, tiles_per_slide=per_slide,
                          num_workers=a.workers, device=str(device))

@@ -66,3 +66,21 @@ def test_multiscale_benchmark_tables_and_last_line(tmp_path, capsys):
     assert runs.loc[runs.model == "m2otca", "ot_aligned_5x"].between(0, 1).all()
     summary = (tmp_path / "summary.md").read_text()
     assert "### coloc, 30 training slides, 2 seeds, 40 test slides" in summary and "per-scale ceiling" in summary
+
+
+def test_pretrain_last_line(tmp_path, capsys):
+    from conftest import shared_slide
+
+    from pipeline.config import TilingConfig
+    from pipeline.tiling.stage import tile_to_store
+
+    store = tmp_path / "cmu.tiles.zarr"
+    tile_to_store(shared_slide("CMU-1-Small-Region.svs"), store, TilingConfig())
+    _load("pretrain").main([str(store), "--crop", "64", "--batch-size", "4", "--steps", "2", "--workers", "0",
+                            "--device", "cpu"])
+    settings, last = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert settings.startswith("device=cpu crop=64 batch=4 ")
+    m = re.fullmatch(r"train_ips=([\d.]+) fb_ips=([\d.]+) ratio=([\d.]+)", last)
+    assert m, last
+    train, fb, ratio = map(float, m.groups())
+    assert train > 0 and fb > 0 and ratio == pytest.approx(train / fb, abs=0.01)
