@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def forward_backward_ips(crop: int, batch: int, steps: int, device: torch.device) -> float:

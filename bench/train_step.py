@@ -290,7 +290,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (where the steps run)")
     parser.add_argument("--epoch-threads", type=int, default=1,
                         help="torch threads during the epoch (1: the step on one core, the loader on the other; 0: as --threads)")
+    parser.add_argument("--switch-interval", type=float, default=0.0,
+                        help="Python's GIL switch interval in s during the run (0: the default, 5 ms); "
+                             "how long the loading thread may hold the GIL the launching step waits for")
     args = parser.parse_args(argv)
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ModelConfig.from_dict({"sinkhorn_tol": args.sinkhorn_tol})
@@ -305,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"device={args.device} threads={torch.get_num_threads()} clock={args.clock} tiles={sum(TILES.values())} "
-        f"dim={args.dim} sinkhorn_tol={cfg.sinkhorn_tol} epoch_threads={args.epoch_threads or torch.get_num_threads()}"
+        f"dim={args.dim} sinkhorn_tol={cfg.sinkhorn_tol} switch_interval_ms={1e3 * sys.getswitchinterval():g} "
+        f"epoch_threads={args.epoch_threads or torch.get_num_threads()}"
     )
     print(
         f"step_ms={step_ms:.1f} attention_ms={attention_ms:.1f} "

@@ -25,6 +25,7 @@ from pipeline.features.pretrain import (
     pretrain,
 )
 from pipeline.features.simclr_data import SimCLRTiles, sample_tiles
+from pipeline.features.simclr_views import N_PARAMS
 from pipeline.tiling.stage import tile_to_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -42,15 +43,19 @@ def stores(tmp_path_factory):
     return out
 
 
-def test_sampling_caps_each_slide_and_views_are_seeded(stores):
+def test_sampling_caps_each_slide_and_views_are_seeded(stores, tmp_path):
     slides = sample_tiles(stores, ["20x", "10x"], tiles_per_slide=3, seed=1)
     assert len(slides) == 4 and all(len(s.coords) == 3 for s in slides)  # every slide, capped
-    ds = SimCLRTiles(slides, crop=64, seed=1)
-    a, b = ds[5], ds[5]
-    assert a.shape == (2, 3, 64, 64) and a.dtype == torch.uint8
-    assert torch.equal(a, b) and not torch.equal(a[0], a[1])  # same item same views; two views differ
+    ds = SimCLRTiles(slides, seed=1)
+    (tile, a), (tile2, b) = ds[5], ds[5]
+    assert tile.shape == (3, 64, 64) and tile.dtype == torch.uint8 and a.shape == (2, N_PARAMS)
+    assert torch.equal(tile, tile2) and torch.equal(a, b) and not torch.equal(a[0], a[1])  # seeded; views differ
     ds.set_epoch(1)
-    assert not torch.equal(ds[5], a)
+    assert torch.equal(ds[5][0], tile) and not torch.equal(ds[5][1], a)  # same tile, new views
+    slide = write_tiff(tmp_path / "big.tif", tissue_image(1200, 1200, seed=3, blobs=3), mpp=0.5, levels=3)
+    tile_to_store(slide, tmp_path / "big.zarr", TilingConfig(tile_size=128))
+    with pytest.raises(ConfigError, match=r"different tile sizes \(64 px in .*s0.zarr, 128 px in .*big.zarr\)"):
+        SimCLRTiles(sample_tiles([stores[0], tmp_path / "big.zarr"], ["20x"], 2))
 
 
 def test_nt_xent_prefers_matching_pairs():
@@ -88,7 +93,8 @@ def test_kill9_resume_is_byte_identical_and_never_leaves_partial_weights(stores,
     r = _cli(_cli_args(stores, out), {KILL_ENV: "epoch:0"})  # SIGKILL right after epoch 1's checkpoint
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not out.exists() and checkpoint_path(out).exists()  # no weights at the final path yet
-    s = pretrain(stores, ["20x"], out, PretrainConfig(**TINY))  # another process, same seed
+    # another process, same seed; its views made in 2 DataLoader workers instead of the main process
+    s = pretrain(stores, ["20x"], out, PretrainConfig(**{**TINY, "num_workers": 2}))
     assert s["resumed_at_epoch"] == 1
     assert out.read_bytes() == ref.read_bytes()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -10,6 +10,7 @@ atomically: it loads through `build_encoder("resnet18_simclr", weights)`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -33,7 +34,8 @@ from pipeline.atomic import atomic_path
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError
 from pipeline.features.encoders import _RESNET_CHILDREN, ENCODERS, RANDOM_INIT_SEED
-from pipeline.features.simclr_data import SimCLRTiles, sample_tiles
+from pipeline.features.simclr_data import SimCLRTiles, collate_views, sample_tiles
+from pipeline.features.simclr_views import make_views
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,7 @@ def pretrain(stores: list[str | Path], mags: list[str], out: str | Path,
         raise ConfigError(f"pretraining crop must be >= 64 px, got {cfg.crop}")
     out = Path(out)
     slides = sample_tiles(stores, mags, cfg.tiles_per_slide, cfg.seed)
-    ds = SimCLRTiles(slides, cfg.crop, cfg.seed)
+    ds = SimCLRTiles(slides, cfg.seed)
     n_batches = len(ds) // cfg.batch_size
     if n_batches == 0:
         raise ConfigError(f"tile store(s) {slides[0].store}{' ...' if len(slides) > 1 else ''}: "
@@ -178,28 +180,34 @@ def pretrain(stores: list[str | Path], mags: list[str], out: str | Path,
             if isinstance(v, Tensor) and k != "step":
                 st[k] = v.to(device)
     total = cfg.epochs * n_batches
+    # views are made on the GPU, batched; on the CPU in the DataLoader workers, beside the step
+    views_collate = None if cuda or not cfg.num_workers else functools.partial(collate_views, crop=cfg.crop)
     loss_v, rate = float("nan"), 0.0
     t_all, n_all = 0.0, 0
     for epoch in range(start, cfg.epochs):
         ds.set_epoch(epoch)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(ds))[: n_batches * cfg.batch_size]
         loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=order.tolist(), num_workers=cfg.num_workers,
-                            pin_memory=cuda, prefetch_factor=2 if cfg.num_workers else None)
+                            pin_memory=cuda, prefetch_factor=2 if cfg.num_workers else None,
+                            collate_fn=views_collate)
         model.train()
         bar = tqdm(loader, total=n_batches, desc=f"pretrain {','.join(mags)} epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", file=sys.stdout, mininterval=1.0 if sys.stdout.isatty() else 15.0,
                    dynamic_ncols=True)
         t0, seen = time.perf_counter(), 0
-        for b, views in enumerate(bar):  # (B, 2, 3, S, S) uint8
+        for b, batch in enumerate(bar):  # (B, 3, S, S) uint8 tiles and (B, 2, P) view parameters, or views
             step = epoch * n_batches + b
             _maybe_kill("step", step)
             for g in opt.param_groups:
                 g["lr"] = _lr(cfg, step, total)
-            x = views.to(device, non_blocking=True).flatten(0, 1).float().div_(255)  # (2B, 3, S, S) views paired
+            if views_collate is None:
+                x = make_views(batch[0].to(device, non_blocking=True), batch[1], cfg.crop)  # (2B, 3, c, c)
+            else:
+                x = batch  # (2B, 3, c, c): each tile's two views adjacent
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                z = model(x).view(len(views), 2, -1)  # (B, 2, D)
+                z = model(x).view(len(x) // 2, 2, -1)  # (B, 2, D)
             loss = nt_xent(z[:, 0], z[:, 1], cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -207,7 +215,7 @@ def pretrain(stores: list[str | Path], mags: list[str], out: str | Path,
             loss_v = float(loss.detach())
             if not math.isfinite(loss_v):
                 raise RuntimeError(f"pretraining diverged at epoch {epoch + 1}, step {b + 1}: loss {loss_v}; lower lr")
-            seen += 2 * len(views)  # images: two views per tile
+            seen += len(x)  # images: two views per tile
             rate = seen / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{loss_v:.4f}", img_s=f"{rate:.1f}")
         bar.close()

@@ -1,9 +1,10 @@
-"""SimCLR's data: tiles sampled from tile stores, read from the slides, two augmented views each.
+"""SimCLR's data: tiles sampled from tile stores, read from the slides, with two views' parameters.
 
 Sampling takes at most `tiles_per_slide` tiles of each slide (every usable slide represented,
 chosen by a seeded generator); DataLoader workers open their own slide handles and read the
-tiles straight from the slide files. Each view's randomness comes from a generator seeded by
-(seed, epoch, item), so the views do not depend on the number of workers or on a resume.
+tiles straight from the slide files. Each view's random choices come from a generator seeded
+by (seed, epoch, item), so the views do not depend on the number of workers or on a resume;
+the views themselves are made on the training device (`simclr_views.make_views`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from pipeline.errors import ConfigError
+from pipeline.features.simclr_views import draw_view_params, make_views
 from pipeline.slides import open_slide
 from pipeline.store import read_tile_store, store_state
 
@@ -75,29 +76,20 @@ def sample_tiles(stores: list[str | Path], mags: list[str], tiles_per_slide: int
     return out
 
 
-def simclr_views(crop: int) -> v2.Compose:
-    """One SimCLR view of a uint8 (3, H, W) tile -> uint8 (3, crop, crop) (Chen et al. 2020)."""
-    k = max(3, int(0.1 * crop) // 2 * 2 + 1)  # blur kernel ~10 % of the crop, odd
-    return v2.Compose([
-        v2.RandomResizedCrop(crop, scale=(0.2, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),  # tiles have no up: both flips, as DSMIL
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5),
-    ])
-
-
 class SimCLRTiles(Dataset):
-    """Item i -> uint8 (2, 3, crop, crop): two views of one sampled tile; each worker opens
-    its own slide handles. `set_epoch` changes the views (not the tiles)."""
+    """Item i -> (uint8 (3, S, S) tile, (2, N_PARAMS) its two views' parameters); each worker
+    opens its own slide handles. `set_epoch` changes the views (not the tiles)."""
 
-    def __init__(self, slides: list[SlideTiles], crop: int, seed: int = 0):
-        self.slides = slides
+    def __init__(self, slides: list[SlideTiles], seed: int = 0):
+        sizes = {s.size for s in slides}
+        if len(sizes) > 1:
+            raise ConfigError("tile stores with different tile sizes ("
+                              + ", ".join(f"{s.size} px in {s.store}" for s in {s.size: s for s in slides}.values())
+                              + "): pretrain them separately")
+        self.slides, self.size = slides, sizes.pop()
         self.index = np.concatenate([np.stack([np.full(len(s.coords), k), np.arange(len(s.coords))], 1)
                                      for k, s in enumerate(slides)])  # (N, 2) slide, row
-        self.crop, self.seed, self.epoch = crop, seed, 0
-        self.views = simclr_views(crop)
+        self.seed, self.epoch = seed, 0
         self._handles: dict[int, object] = {}
         self._pid: int | None = None
 
@@ -122,8 +114,16 @@ class SimCLRTiles(Dataset):
         x, y = (int(v) for v in s.coords[row])
         return self._slide(k).read(x, y, s.size, s.tile_mpp)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         tile = torch.from_numpy(np.ascontiguousarray(self.read(i))).permute(2, 0, 1)  # (3, S, S) uint8
-        with torch.random.fork_rng(devices=[]):  # the views' RNG, isolated from the caller's
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, int(i)]).generate_state(1)[0]))
-            return torch.stack([self.views(tile), self.views(tile)])  # (2, 3, crop, crop)
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, int(i)])
+                                                .generate_state(1)[0]))
+        params = torch.stack([draw_view_params(self.size, gen) for _ in range(2)])  # (2, N_PARAMS)
+        return tile, params
+
+
+def collate_views(items: list[tuple[torch.Tensor, torch.Tensor]], crop: int) -> torch.Tensor:
+    """A batch's views made where the batch is collated: a DataLoader worker when the model is
+    on the CPU (the augmentation then runs beside the step, not in it)."""
+    tiles, params = torch.utils.data.default_collate(items)  # (B, 3, S, S) uint8, (B, 2, P)
+    return make_views(tiles, params, crop)  # (2B, 3, crop, crop)
