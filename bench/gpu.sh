@@ -69,5 +69,5 @@ for name in encoders:
 EOF
 step train_step "$py" bench/train_step.py --device "$dev" --reps 20 --epoch-slides "$epoch_slides" --cohort-dir "$cache/cohort"
 step pretrain "$py" bench/pretrain.py "$cache/mosaic-$size.tiles.zarr" --device "$dev" \
-    --workers "$workers" --steps 30 --batch-size "$pretrain_batch" --crop 224
+    --mag 20x,10x,5x --workers "$workers" --steps 30 --batch-size "$pretrain_batch" --crop 224
 exit $status
