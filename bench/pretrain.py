@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     train_ips = s["images_per_s"]  # views, two per tile
     fb_ips = forward_backward_ips(a.crop, a.batch_size, min(a.steps, 10), device)
     print(f"device={device} crop={a.crop} batch={a.batch_size} tiles={s['tiles']} steps={s['steps_per_epoch']}")
-    print(f"train_ips={train_ips:.1f} fb_ips={fb_ips:.1f} ratio={train_ips / fb_ips:.2f}")
+    print(f"train_ips={train_ips:.1f} fb_ips={fb_ips:.1f} ratio={train_ips / fb_ips:.3f}")
     return 0
 
 

@@ -83,4 +83,4 @@ def test_pretrain_last_line(tmp_path, capsys):
     m = re.fullmatch(r"train_ips=([\d.]+) fb_ips=([\d.]+) ratio=([\d.]+)", last)
     assert m, last
     train, fb, ratio = map(float, m.groups())
-    assert train > 0 and fb > 0 and ratio == pytest.approx(train / fb, abs=0.01)
+    assert train > 0 and fb > 0 and ratio == pytest.approx(train / fb, rel=0.05)  # printed rates are rounded
