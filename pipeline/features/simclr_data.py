@@ -4,7 +4,8 @@ Sampling takes at most `tiles_per_slide` tiles of each slide (every usable slide
 chosen by a seeded generator); DataLoader workers open their own slide handles and read the
 tiles straight from the slide files. Each view's random choices come from a generator seeded
 by (seed, epoch, item), so the views do not depend on the number of workers or on a resume;
-the views themselves are made on the training device (`simclr_views.make_views`).
+the views themselves are made by `simclr_views.make_views`, on the GPU, or for a CPU run in
+the workers (`collate_views`).
 """
 
 from __future__ import annotations
