@@ -39,6 +39,28 @@ def _parse(path: Path, mtime_ns: int, size: int) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
+def _dump(path: Path) -> bytes:
+    """`ast.dump` of the file's tree (cached like `parse`: every command shares most modules)."""
+    st = path.stat()
+    return _dump_cached(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=512)
+def _dump_cached(path: Path, mtime_ns: int, size: int) -> bytes:
+    return ast.dump(_parse(path, mtime_ns, size)).encode()
+
+
+def _file_imports(path: Path, name: str, root: Path) -> frozenset[str]:
+    """`imported_modules` of a whole module file (cached like `parse`)."""
+    st = path.stat()
+    return _file_imports_cached(path, st.st_mtime_ns, st.st_size, name, root)
+
+
+@functools.lru_cache(maxsize=1024)
+def _file_imports_cached(path: Path, mtime_ns: int, size: int, name: str, root: Path) -> frozenset[str]:
+    return frozenset(imported_modules(_parse(path, mtime_ns, size), name, path.name == "__init__.py", root))
+
+
 def module_file(name: str, root: Path = PACKAGE_DIR) -> Path | None:
     """Source file of the package module `name` ("pipeline.mil.models.abmil"), None when not one."""
     parts = name.split(".")
@@ -87,7 +109,7 @@ def module_closure(roots: set[str], root: Path = PACKAGE_DIR) -> list[Path]:
         if path is None or name in seen:
             continue
         seen[name] = path
-        todo.update(imported_modules(parse(path), name, path.name == "__init__.py", root) - set(seen))
+        todo.update(_file_imports(path, name, root) - set(seen))
     return sorted(seen.values())
 
 
@@ -135,7 +157,7 @@ def code_fingerprint(command: str, extra: tuple[str | Path, ...] = (), root: Pat
     for fn in _command_functions(command, root):
         h.update(ast.dump(fn).encode())
     for p in command_files(command, root):
-        h.update(str(p.relative_to(root)).encode() + b"\0" + ast.dump(parse(p)).encode())
+        h.update(str(p.relative_to(root)).encode() + b"\0" + _dump(p))
     for p in map(Path, extra):
         h.update(str(p).encode() + b"\0" + (ast.dump(parse(p)).encode() if p.suffix == ".py" else p.read_bytes()))
     return h.hexdigest()[:16]

@@ -13,6 +13,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SLIDES = Path(os.environ.get("PIPELINE_SHARED_SLIDES", REPO.parent / "shared" / "slides"))
 
+# The Snakemake SLURM plugin runs `scontrol show config` whenever Snakemake starts (for an option's
+# help text); with Slurm's client installed (CI installs it for test_slurm.py) and no controller up,
+# that waits ~9-10 s per Snakemake process. An empty config makes scontrol fail at once. Only
+# test_slurm.py talks to SLURM, and it strips every SLURM_* variable (slurm_cluster.clean_env).
+os.environ.setdefault("SLURM_CONF", os.devnull)
+
 
 def shared_slide(name: str) -> Path:
     """Path of a slide in ../shared/slides; skips locally, fails loudly in CI when missing."""

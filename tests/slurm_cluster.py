@@ -47,7 +47,7 @@ def try_install(timeout: float = 600) -> str:
     """apt-get install the Debian packages (root only); returns a log of what happened."""
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return "not root or no apt-get: cannot install " + " ".join(PACKAGES)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    env = {**clean_env(), "DEBIAN_FRONTEND": "noninteractive"}
     log = []
     for cmd in (["apt-get", "update", "-qq"],
                 ["apt-get", "install", "-y", "-qq", "--no-install-recommends",

@@ -25,7 +25,8 @@ TRAIN = ("splits: {folds: 2, val_fraction: 0}\nmodels: [abmil_3]\n"
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(snakemake_cmd(workdir, *args), capture_output=True, text=True, cwd=workdir, env=venv_env())
+    """The workflow with 4 job slots on 2 CPUs: these tiny jobs mostly wait on imports (one core each)."""
+    return subprocess.run(snakemake_cmd(workdir, *args, cores=4), capture_output=True, text=True, cwd=workdir, env=venv_env())
 
 
 def test_predict_new_slides_with_a_trained_run(tmp_path):

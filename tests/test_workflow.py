@@ -15,9 +15,11 @@ pytestmark = pytest.mark.integration
 
 
 def snakemake(workdir: Path, *args: str, repo: Path = REPO) -> subprocess.CompletedProcess:
-    """Run the workflow of `repo` (a copy: its own package too) in `workdir`."""
+    """Run the workflow of `repo` (a copy: its own package too) in `workdir`, with 4 job slots on
+    2 CPUs: these tiny jobs mostly wait on imports (one core each)."""
     env = venv_env() if repo == REPO else venv_env(PYTHONPATH=str(repo))
-    return subprocess.run(snakemake_cmd(workdir, *args, repo=repo), capture_output=True, text=True, cwd=workdir, env=env)
+    return subprocess.run(snakemake_cmd(workdir, *args, cores=4, repo=repo), capture_output=True, text=True, cwd=workdir,
+                          env=env)
 
 
 def copy_repo(dst: Path) -> Path:
