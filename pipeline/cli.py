@@ -615,7 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, fn) in COMMANDS.items():
-        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None)
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None
+        p = sub.add_parser(name, help=summary and summary.replace("%", "%%"))  # argparse formats help with %
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         add_args(p)
         p.set_defaults(func=fn)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from pipeline.cli import build_parser
+from pipeline.cli import COMMANDS, build_parser
 
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -101,3 +101,14 @@ def test_model_names_in_the_config_are_registered():
         assert schema_default(key) in MODEL_NAMES, key
         assert config_value(key) in MODEL_NAMES, key
     assert set(CONFIG["models"]) <= set(MODEL_NAMES)
+
+
+def test_every_help_page_renders(capsys):
+    """`--help` of the CLI and of each command prints (argparse formats help text with %)."""
+    parser = build_parser()
+    for argv in [[], *([c] for c in COMMANDS)]:
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([*argv, "--help"])
+        assert e.value.code == 0, argv
+    out = capsys.readouterr().out
+    assert "95 % CIs" in out and all(c in out for c in COMMANDS)
