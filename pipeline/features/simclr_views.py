@@ -1,7 +1,7 @@
 """SimCLR's views (Chen et al. 2020, as DSMIL uses them), made a batch at a time on the device.
 
 `draw_view_params` draws one view's random choices on the CPU from a per-tile seeded
-generator, so views do not depend on workers, batch size, device or a resume. `make_views`
+generator, so views do not depend on workers, batch size or a resume. `make_views`
 applies a batch of them where the model runs, in a handful of batched ops: crop + resize
 (area-averaged like an antialiased resize, through torchvision's `roi_align`), both flips,
 colour jitter in a per-view random order, grayscale and Gaussian blur. Each op is
