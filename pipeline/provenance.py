@@ -28,10 +28,15 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _stamp(path: Path) -> tuple[Path, int, int]:
+    """The cache key of a file's derived data: its path, mtime and size."""
+    st = path.stat()
+    return path, st.st_mtime_ns, st.st_size
+
+
 def parse(path: Path) -> ast.Module:
     """The file's syntax tree (cached while the file is unchanged)."""
-    st = path.stat()
-    return _parse(path, st.st_mtime_ns, st.st_size)
+    return _parse(*_stamp(path))
 
 
 @functools.lru_cache(maxsize=512)
@@ -41,8 +46,7 @@ def _parse(path: Path, mtime_ns: int, size: int) -> ast.Module:
 
 def _dump(path: Path) -> bytes:
     """`ast.dump` of the file's tree (cached like `parse`: every command shares most modules)."""
-    st = path.stat()
-    return _dump_cached(path, st.st_mtime_ns, st.st_size)
+    return _dump_cached(*_stamp(path))
 
 
 @functools.lru_cache(maxsize=512)
@@ -52,8 +56,7 @@ def _dump_cached(path: Path, mtime_ns: int, size: int) -> bytes:
 
 def _file_imports(path: Path, name: str, root: Path) -> frozenset[str]:
     """`imported_modules` of a whole module file (cached like `parse`)."""
-    st = path.stat()
-    return _file_imports_cached(path, st.st_mtime_ns, st.st_size, name, root)
+    return _file_imports_cached(*_stamp(path), name, root)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -159,5 +162,5 @@ def code_fingerprint(command: str, extra: tuple[str | Path, ...] = (), root: Pat
     for p in command_files(command, root):
         h.update(str(p.relative_to(root)).encode() + b"\0" + _dump(p))
     for p in map(Path, extra):
-        h.update(str(p).encode() + b"\0" + (ast.dump(parse(p)).encode() if p.suffix == ".py" else p.read_bytes()))
+        h.update(str(p).encode() + b"\0" + (_dump(p) if p.suffix == ".py" else p.read_bytes()))
     return h.hexdigest()[:16]
