@@ -169,16 +169,12 @@ def pretrain(stores: list[str | Path], mags: list[str], out: str | Path,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED + cfg.seed)
         model = SimCLR(cfg.proj_dim)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ckpt = checkpoint_path(out)
-    start = _resume(ckpt, cfg, model, opt)
     model.to(device)
     if cuda:
         model.to(memory_format=torch.channels_last)
-    for st in opt.state.values():  # optimiser moments follow the model to the device
-        for k, v in st.items():
-            if isinstance(v, Tensor) and k != "step":
-                st[k] = v.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ckpt = checkpoint_path(out)
+    start = _resume(ckpt, cfg, model, opt)  # torch moves the loaded moments to the parameters' device
     total = cfg.epochs * n_batches
     # views are made on the GPU, batched; on the CPU in the DataLoader workers, beside the step
     views_collate = None if cuda or not cfg.num_workers else functools.partial(collate_views, crop=cfg.crop)
