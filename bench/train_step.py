@@ -181,6 +181,19 @@ def drop_page_cache(root: Path) -> int:
     return n
 
 
+class FirstTiles(torch.nn.Module):
+    """`model` on the first `k` tiles of each magnification of a batch: the same ops on small
+    tensors, so a CPU step is bound by dispatching them, as a GPU step is by launching kernels."""
+
+    def __init__(self, model: torch.nn.Module, k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, batch: dict, labels: torch.Tensor | None = None) -> dict:
+        cut = {key: {t: v[:, : self.k] for t, v in part.items()} for key, part in batch.items()}
+        return self.model(cut, labels=labels)
+
+
 def measure_epoch_ratio(
     n_slides: int = 270,
     dim: int = 512,
@@ -195,9 +208,11 @@ def measure_epoch_ratio(
     verbose: bool = True,
     device: str = "cpu",
     step_threads: int = 1,
+    step_tiles: int = 0,
 ) -> float:
     """First-epoch wall time over a Zarr cohort / sum of its steps' compute alone (see module doc);
-    `step_threads` torch threads while it runs (0: leave them as they are)."""
+    `step_threads` torch threads while it runs (0: leave them as they are); `step_tiles` > 0:
+    the steps see only the first `step_tiles` tiles per magnification (:class:`FirstTiles`)."""
     import numpy as np
 
     from pipeline.mil.bags import cohort_cache
@@ -219,6 +234,8 @@ def measure_epoch_ratio(
     def fresh():
         torch.manual_seed(seed)
         model = create_model("m2otca", {t: dim for t in mags}, len(cohort.classes), cfg).to(device)
+        if step_tiles:
+            model = FirstTiles(model, step_tiles)
         return model, make_optimizer(model, tcfg), np.random.default_rng(seed)
 
     ratios = []
@@ -248,7 +265,8 @@ def measure_epoch_ratio(
                     print(
                         f"epoch cohort: {len(ids)} slides (20x tiles {min(n20)}-{max(n20)}, all tiles "
                         f"{min(n_all)}-{max(n_all)}, mean {statistics.mean(n_all):.0f}), D={dim}, batch "
-                        f"{batch_size}, prefetch {prefetch}, torch threads {torch.get_num_threads()}; "
+                        f"{batch_size}, prefetch {prefetch}, torch threads {torch.get_num_threads()}, steps on "
+                        f"{f'the first {step_tiles} tiles' if step_tiles else 'all tiles'}; "
                         f"written/found in {gen_s:.1f}s"
                     )
                 print(
@@ -290,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (where the steps run)")
     parser.add_argument("--epoch-threads", type=int, default=1,
                         help="torch threads during the epoch (1: the step on one core, the loader on the other; 0: as --threads)")
+    parser.add_argument("--epoch-step-tiles", type=int, default=0,
+                        help="the epoch's steps see only the first K tiles per magnification (0: all): on a CPU, "
+                             "a step bound by dispatching ops, as a GPU step is by launching kernels")
     parser.add_argument("--switch-interval", type=float, default=0.0,
                         help="Python's GIL switch interval in s during the run (0: the default, 5 ms); "
                              "how long the loading thread may hold the GIL the launching step waits for")
@@ -306,12 +327,12 @@ def main(argv: list[str] | None = None) -> None:
     epoch_ratio = measure_epoch_ratio(
         args.epoch_slides, args.dim, args.cohort_dir, args.epoch_batch, args.prefetch, args.seed,
         cfg, drop_cache=not args.keep_page_cache, repeats=args.epoch_repeats, device=args.device,
-        step_threads=args.epoch_threads,
+        step_threads=args.epoch_threads, step_tiles=args.epoch_step_tiles,
     )
     print(
         f"device={args.device} threads={torch.get_num_threads()} clock={args.clock} tiles={sum(TILES.values())} "
         f"dim={args.dim} sinkhorn_tol={cfg.sinkhorn_tol} switch_interval_ms={1e3 * sys.getswitchinterval():g} "
-        f"epoch_threads={args.epoch_threads or torch.get_num_threads()}"
+        f"epoch_threads={args.epoch_threads or torch.get_num_threads()} epoch_step_tiles={args.epoch_step_tiles}"
     )
     print(
         f"step_ms={step_ms:.1f} attention_ms={attention_ms:.1f} "

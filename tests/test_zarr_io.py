@@ -121,6 +121,24 @@ def test_checksums_and_required_chunks(tmp_path):
         zarr_io.read_array(tmp_path / "a", require_chunks=True)
 
 
+@settings(max_examples=60, deadline=None)
+@given(body=st.binary(max_size=300), flip=st.integers(0, 303 * 8 - 1))
+def test_crc32c_residue_check_is_the_plain_check(body, flip):
+    """The residue check over the whole chunk accepts exactly what comparing the body's crc32c
+    with the trailer accepts: the intact chunk, and never one with any single bit flipped."""
+    import google_crc32c
+
+    raw = body + google_crc32c.value(body).to_bytes(4, "little")
+    assert bytes(zarr_io._unwrap_crc32c(raw, "k")) == body
+    bad = bytearray(raw)
+    bad[(flip // 8) % len(raw)] ^= 1 << (flip % 8)
+    with pytest.raises(zarr_io.DamagedChunk, match=r"^k: checksum mismatch"):
+        zarr_io._unwrap_crc32c(bytes(bad), "k")
+    for short in (b"", b"abc"):
+        with pytest.raises(zarr_io.DamagedChunk):
+            zarr_io._unwrap_crc32c(short, "k")
+
+
 def test_undecodable_chunk_names_its_file(tmp_path):
     """Without a checksum (stores written before it), garbage bytes fail in the decoder: one
     DamagedChunk naming the chunk file, not a bare Blosc error."""

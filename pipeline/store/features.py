@@ -153,7 +153,7 @@ def read_feature_store(path: str | Path, mags: list[str] | None = None) -> tuple
     out = {}
     for name in mags or meta.magnifications:
         try:
-            arrays = {k: zarr_io.read_array(path / name / k, require_chunks=strict) for k in FEATURE_ARRAYS}
+            arrays = {k: zarr_io.read_array(os.path.join(path, name, k), require_chunks=strict) for k in FEATURE_ARRAYS}
         except (OSError, ValueError) as e:
             raise SlideError(slide, f"feature store {path} is damaged ({one_line(e)}); "
                                     "delete it and rerun to extract again") from e
