@@ -109,7 +109,7 @@ def test_lesion_evaluation_runs_when_lesions_are_named(tmp_path):
                                 "dir: ann dir}\n"),
                         ("off", "annotations: {lesion_classes: []}\n")):
         cohort = tmp_path / name
-        cohort.mkdir()
+        (cohort / "ann dir").mkdir(parents=True)
         write_cohort(cohort, rows, base + extra)
         r = subprocess.run(snakemake_cmd(cohort, "-n", "-p"), capture_output=True, text=True, cwd=cohort, env=venv_env())
         assert r.returncode == 0, r.stderr[-3000:]
@@ -124,6 +124,10 @@ def test_lesion_evaluation_runs_when_lesions_are_named(tmp_path):
     assert sorted(attention) == sorted(f"{m}=results/tiny/models/resnet18_simclr/{m}/fold_{k}/attention.npz"
                                        for m in ("abmil_3", "m2otca") for k in (0, 1))
     assert [argv[i + 1].split("=")[0] for i, a in enumerate(argv) if a == "--features"] == ["20x", "10x", "5x"]
+    (tmp_path / "on" / "ann dir").rmdir()  # a folder that is not there: one clear error before any job
+    r = subprocess.run(snakemake_cmd(tmp_path / "on", "-n"), capture_output=True, text=True, cwd=tmp_path / "on",
+                       env=venv_env())
+    assert r.returncode != 0 and "annotations.dir ann dir: no such folder" in r.stdout + r.stderr
 
 
 def env_pins(env: Path) -> dict[str, str]:

@@ -159,7 +159,7 @@ def plot_lesion_auc(table: pd.DataFrame, probe: pd.DataFrame | None, out: str | 
     t = table.dropna(subset=["auc"])
     mags = order_magnifications(list(dict.fromkeys(list(t["mag"]) + list(probe["mag"] if probe is not None else []))))
     models = list(dict.fromkeys(t["model"]))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(mags) * (len(models) + 1)), 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(min(14.0, 3.5 + 0.4 * max(1, len(mags)) * max(1, len(models))), 4.2), dpi=110)
     width = 0.8 / max(1, len(models))
     colors = plt.get_cmap("tab10").colors
     rng = np.random.default_rng(0)  # jitter of the points only
@@ -190,7 +190,7 @@ def plot_lesion_auc(table: pd.DataFrame, probe: pd.DataFrame | None, out: str | 
         ax.text(0.5, 0.5, "no annotated slide with lesion and other tiles", ha="center", va="center",
                 transform=ax.transAxes)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, frameon=False, loc="lower right")
+        ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the data
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     with atomic_path(out) as tmp:

@@ -381,7 +381,13 @@ def get_lesion_outputs(wildcards=None):
     ann = config["annotations"]
     if RUN is not None or not ann["lesion_classes"]:
         return []
-    if not ann["dir"] and not get_sheet()["annotations"].notna().any():
+    sheet = get_sheet()  # after the demo's checkpoint, which writes the demo's annotations
+    if ann["dir"] and not Path(ann["dir"]).is_dir():
+        raise ValueError(
+            f"annotations.dir {ann['dir']}: no such folder "
+            "(annotations.lesion_classes: [] skips the lesion evaluation)"
+        )
+    if not ann["dir"] and not sheet["annotations"].notna().any():
         return []
     return [f"{LESIONS}/lesion_eval.json", f"{LESIONS}/lesion_attention.png"]
 
