@@ -45,6 +45,16 @@ def test_train_step_last_line(tmp_path, capsys, step_tiles):
     assert math.isfinite(epoch) and epoch > 0.5
 
 
+def test_loader_gil_last_line(tmp_path, capsys):
+    _load("loader_gil").main(["--slides", "8", "--dim", "16", "--step-tiles", "4", "--steps", "2", "--repeats", "1",
+                              "--rate", "1000", "--cohort-dir", str(tmp_path)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len([line for line in out if line.startswith("repeat 0 ")]) == 4
+    m = re.fullmatch(r"load=([\d.]+) unpickle=([\d.]+) stat=([\d.]+) copy=([\d.]+)", out[-1])
+    assert m, out[-1]
+    assert all(float(v) > 0 for v in m.groups())
+
+
 def test_train_step_epoch_skipped_is_nan(capsys):
     _load("train_step").main(["--dim", "16", "--reps", "1", "--warmup", "0", "--epoch-slides", "0", "--threads", "1"])
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("epoch_ratio=nan")

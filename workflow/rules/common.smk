@@ -381,7 +381,8 @@ def get_lesion_outputs(wildcards=None):
     ann = config["annotations"]
     if RUN is not None or not ann["lesion_classes"]:
         return []
-    sheet = get_sheet()  # after the demo's checkpoint, which writes the demo's annotations
+    # after the demo's checkpoint, which writes the demo's annotations
+    sheet = get_sheet()
     if ann["dir"] and not Path(ann["dir"]).is_dir():
         raise ValueError(
             f"annotations.dir {ann['dir']}: no such folder "
@@ -394,7 +395,8 @@ def get_lesion_outputs(wildcards=None):
 
 def get_lesion_args(wildcards=None):
     """evaluate-lesions' annotation options (a list: quote it with :q): the lesion classes, those
-    cut out of lesions, and the folder of annotations when set (else the sheet's column)."""
+    cut out of lesions, and the folder of annotations when set (else the sheet's column).
+    """
     ann = config["annotations"]
     args = ["--lesion-classes", ",".join(ann["lesion_classes"])]
     if ann["non_lesion_classes"]:
