@@ -2,10 +2,12 @@
 
 Snakemake reruns a job when its params change, not when the package's code does: every rule
 carries `code_fingerprint(<its CLI command>)` as a param. The fingerprint covers the command's
-function in `cli.py` (and the cli helpers it calls) plus every `pipeline` module it imports,
-directly or through other modules, lazily or not. Files are read and parsed with `ast`, never
-imported, so the Snakemake process computes it at parse time without loading torch. Comments and
-formatting do not count (the syntax tree is hashed), so a reformatted module reruns nothing.
+function in its module of the `cli/` package (with its argument function and the cli helpers
+they call, in that module or imported from another cli module) plus every `pipeline` module it
+imports, directly or through other modules, lazily or not. Files are read and parsed with `ast`,
+never imported, so the Snakemake process computes it at parse time without loading torch.
+Comments and formatting do not count (the syntax tree is hashed), so a reformatted module reruns
+nothing; nor does moving a cli function to another cli module.
 """
 
 from __future__ import annotations
@@ -116,38 +118,94 @@ def module_closure(roots: set[str], root: Path = PACKAGE_DIR) -> list[Path]:
     return sorted(seen.values())
 
 
-def _command_functions(command: str, root: Path = PACKAGE_DIR) -> list[ast.FunctionDef]:
-    """The cli function registered as `command`, its argument function and the cli helpers
-    they call (by name), transitively."""
-    tree = parse(root / "cli.py")
-    defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    start = []
-    for fn in defs.values():
-        for d in fn.decorator_list:
-            if (isinstance(d, ast.Call) and getattr(d.func, "id", None) == "command" and d.args
-                    and isinstance(d.args[0], ast.Constant) and d.args[0].value == command):
-                start += [fn] + [defs[a.id] for a in d.args[1:] if isinstance(a, ast.Name) and a.id in defs]
-    if not start:
-        raise KeyError(f"no CLI command {command!r} in {root / 'cli.py'}")
-    seen: dict[str, ast.FunctionDef] = {}
-    todo = start
-    while todo:
-        fn = todo.pop()
-        if fn.name in seen:
+CLI = f"{PACKAGE}.cli"  # the command line: its modules count by function, not as files
+
+
+def _cli_modules(root: Path) -> dict[str, Path]:
+    """Module name -> file, of every module of the cli package."""
+    return {CLI if p.name == "__init__.py" else f"{CLI}.{p.stem}": p for p in sorted((root / "cli").glob("*.py"))}
+
+
+def _top_imports(path: Path) -> list[ast.Import | ast.ImportFrom]:
+    return [n for n in parse(path).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
+def _cli_names(module: str, path: Path, modules: dict[str, Path]) -> dict[str, tuple[str, str | None]]:
+    """The names a cli module's top-level imports bind to the cli package: local name ->
+    (module, its name there), or (module, None) for a module itself (`from . import args`)."""
+    here = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    names: dict[str, tuple[str, str | None]] = {}
+    for node in _top_imports(path):
+        if not isinstance(node, ast.ImportFrom):
             continue
-        seen[fn.name] = fn
-        todo += [defs[n.id] for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id in defs]
+        base = node.module or ""
+        if node.level:
+            base = ".".join(here[: len(here) - (node.level - 1)] + ([base] if base else []))
+        if base in modules:
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                names[a.asname or a.name] = (sub, None) if sub in modules else (base, a.name)
+    return names
+
+
+def _command_functions(command: str, root: Path = PACKAGE_DIR) -> list[tuple[str, ast.FunctionDef]]:
+    """(cli module, function) of the function registered as `command` (`@command("name", args_fn)`
+    in any module of the cli package), of its argument function and of the cli helpers they call
+    by name, transitively: defined in the same module, or imported from another cli module (by
+    name, or called as `module.helper`). In the order of the functions' names."""
+    files = _cli_modules(root)
+    defs = {m: {n.name: n for n in parse(p).body if isinstance(n, ast.FunctionDef)} for m, p in files.items()}
+    names = {m: _cli_names(m, p, files) for m, p in files.items()}
+
+    def find(module: str, name: str, hops: int = 0) -> tuple[str, ast.FunctionDef] | None:
+        """The function `name` means in `module`: defined there, or imported (re-exports followed)."""
+        if name in defs[module]:
+            return module, defs[module][name]
+        other, there = names[module].get(name, (None, None))
+        return find(other, there, hops + 1) if there and hops < len(files) else None
+
+    def called(module: str, fn: ast.FunctionDef):
+        for n in ast.walk(fn):
+            if isinstance(n, ast.Name):
+                yield find(module, n.id)
+            elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name):  # args._names
+                other, there = names[module].get(n.value.id, (None, None))
+                if other and there is None:
+                    yield find(other, n.attr)
+
+    todo: list[tuple[str, ast.FunctionDef] | None] = []
+    for module, fns in defs.items():
+        for fn in fns.values():
+            for d in fn.decorator_list:
+                if (isinstance(d, ast.Call) and getattr(d.func, "id", None) == "command" and d.args
+                        and isinstance(d.args[0], ast.Constant) and d.args[0].value == command):
+                    todo += [(module, fn)] + [find(module, a.id) for a in d.args[1:] if isinstance(a, ast.Name)]
+    if not todo:
+        raise KeyError(f"no CLI command {command!r} in {root / 'cli'}")
+    seen: dict[tuple[str, str], tuple[str, ast.FunctionDef]] = {}
+    while todo:
+        found = todo.pop()
+        if found is None or (found[1].name, found[0]) in seen:
+            continue
+        seen[found[1].name, found[0]] = found
+        todo += called(*found)
     return [seen[k] for k in sorted(seen)]
 
 
 def command_files(command: str, root: Path = PACKAGE_DIR) -> list[Path]:
-    """The package files `python -m pipeline <command>` runs (cli.py's own imports included)."""
-    cli_tree = parse(root / "cli.py")
-    top = ast.Module(body=[n for n in cli_tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[])
-    roots = imported_modules(top, f"{PACKAGE}.cli", False, root) | {PACKAGE}
-    for fn in _command_functions(command, root):
-        roots |= imported_modules(fn, f"{PACKAGE}.cli", False, root)
-    return module_closure(roots, root)
+    """The package files `python -m pipeline <command>` runs: every package module imported by
+    its cli functions or by the top level of their cli modules (and of the cli package's
+    `__init__.py`, which runs every command), transitively. The cli package's own files are not
+    in it: only the command's functions in them count (`code_fingerprint`)."""
+    files = _cli_modules(root)
+    functions = _command_functions(command, root)
+    roots = {PACKAGE}
+    for module in {CLI} | {m for m, _ in functions}:
+        top = ast.Module(body=_top_imports(files[module]), type_ignores=[])
+        roots |= imported_modules(top, module, files[module].name == "__init__.py", root)
+    for module, fn in functions:
+        roots |= imported_modules(fn, module, files[module].name == "__init__.py", root)
+    return module_closure({m for m in roots if m != CLI and not m.startswith(f"{CLI}.")}, root)
 
 
 def code_fingerprint(command: str, extra: tuple[str | Path, ...] = (), root: Path = PACKAGE_DIR) -> str:
@@ -157,7 +215,7 @@ def code_fingerprint(command: str, extra: tuple[str | Path, ...] = (), root: Pat
     changes in substance; stays when another stage's module or a comment changes.
     """
     h = hashlib.sha256()
-    for fn in _command_functions(command, root):
+    for _, fn in _command_functions(command, root):
         h.update(ast.dump(fn).encode())
     for p in command_files(command, root):
         h.update(str(p.relative_to(root)).encode() + b"\0" + _dump(p))

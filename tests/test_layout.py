@@ -55,3 +55,10 @@ def test_model_code_imports_only_torch():
         third = {m.split(".")[0] for m in imports(f)} - {"__future__", "math", "dataclasses", "typing",
                                                           "collections", "functools"}
         assert third <= {"torch"}, f"{f.name} imports {sorted(third - {'torch'})}"
+
+
+def test_the_cli_lists_every_command_in_help_order():
+    """The command line's modules register their commands; `--help` lists them in HELP_ORDER."""
+    from pipeline.cli import COMMANDS, HELP_ORDER
+
+    assert list(COMMANDS) == list(HELP_ORDER)

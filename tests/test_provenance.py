@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 
 from pipeline import provenance
+from pipeline.cli import COMMANDS
 from pipeline.provenance import code_fingerprint, command_files, file_sha256
 
 STAGES = ["tile", "extract", "splits", "train", "evaluate", "summarize-metrics", "plot-roc", "heatmaps",
@@ -60,12 +61,53 @@ def test_comments_and_formatting_do_not_count(pkg):
 def test_the_command_function_in_cli_counts(pkg):
     """Editing the `train` command's function (not another command's) moves only `train`."""
     base = fingerprints(pkg)
-    cli = pkg / "cli.py"
+    cli = pkg / "cli" / "mil.py"
     src = cli.read_text()
     anchor = '    """Train one model on one fold'
     assert anchor in src
     cli.write_text(src.replace(anchor, "    _edited = 1\n" + anchor, 1))
     assert changed(base, pkg) == {"train"}
+
+
+def test_a_cli_helper_moves_the_commands_that_call_it(pkg):
+    """A helper of another cli module (`cli/args.py`) counts for every command calling it, in
+    whichever module; editing a cli module outside any command's functions moves nothing."""
+    base = {c: code_fingerprint(c, root=pkg) for c in COMMANDS}
+    args = pkg / "cli" / "args.py"
+    src = args.read_text()
+    anchor = '    return [v for v in csv.split(",") if v]'
+    assert anchor in src
+    args.write_text(src.replace(anchor, "    _edited = 1\n" + anchor, 1))
+    assert {c for c in COMMANDS if code_fingerprint(c, root=pkg) != base[c]} == {"tile", "pretrain", "evaluate-lesions"}
+    base = {c: code_fingerprint(c, root=pkg) for c in COMMANDS}
+    append(args, "\n\ndef _unused(x):\n    return x\n")
+    append(pkg / "cli" / "__init__.py", "\n\n_EDITED = 1\n")
+    assert {c for c in COMMANDS if code_fingerprint(c, root=pkg) != base[c]} == set()
+    for c in COMMANDS:  # the cli package is hashed by function, never as files
+        assert not [p for p in command_files(c, root=pkg) if p.parent == pkg / "cli"], c
+
+
+def test_cli_imports_are_followed(pkg):
+    """Helpers reached by a relative import or as `module.helper`, and the pipeline modules a cli
+    module imports at its top level, count for that module's commands only."""
+    cli = pkg / "cli"
+    (cli / "extra.py").write_text("def _helper():\n    return 1\n\n\ndef _other():\n    return 2\n")
+    (pkg / "newmod.py").write_text("X = 1\n")
+    for name, line in (("mil.py", "from . import extra\n"), ("tiling.py", "from .extra import _other as _o\n"),
+                       ("deploy.py", "import pipeline.newmod  # noqa: F401\n")):
+        src = (cli / name).read_text()
+        (cli / name).write_text(src.replace("\nimport argparse\n", f"\nimport argparse\n{line}", 1))
+    for name, anchor, call in (("mil.py", '    """Patient-level stratified folds', "    extra._helper()\n"),
+                               ("tiling.py", '    """Tables of tiles per slide', "    _o()\n")):
+        src = (cli / name).read_text()
+        assert anchor in src
+        (cli / name).write_text(src.replace(anchor, call + anchor, 1))
+    base = {c: code_fingerprint(c, root=pkg) for c in COMMANDS}
+    (cli / "extra.py").write_text("def _helper():\n    return 3\n\n\ndef _other():\n    return 4\n")
+    assert {c for c in COMMANDS if code_fingerprint(c, root=pkg) != base[c]} == {"splits", "summarize-tiles"}
+    base = {c: code_fingerprint(c, root=pkg) for c in COMMANDS}
+    append(pkg / "newmod.py", "Y = 2\n")
+    assert {c for c in COMMANDS if code_fingerprint(c, root=pkg) != base[c]} == {"predict", "summarize-predictions"}
 
 
 def test_new_modules_and_relative_imports_are_followed(pkg):
