@@ -209,10 +209,12 @@ def measure_epoch_ratio(
     device: str = "cpu",
     step_threads: int = 1,
     step_tiles: int = 0,
+    loader: str = "child",
 ) -> float:
     """First-epoch wall time over a Zarr cohort / sum of its steps' compute alone (see module doc);
     `step_threads` torch threads while it runs (0: leave them as they are); `step_tiles` > 0:
-    the steps see only the first `step_tiles` tiles per magnification (:class:`FirstTiles`)."""
+    the steps see only the first `step_tiles` tiles per magnification (:class:`FirstTiles`);
+    `loader`: the first epoch's bags read by a reader process ("child") or by the prefetch thread."""
     import numpy as np
 
     from pipeline.mil.bags import cohort_cache
@@ -242,6 +244,7 @@ def measure_epoch_ratio(
     with torch_threads(step_threads):
         for rep in range(repeats):
             cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, cfg.n_groups)  # cold
+            cache.read_in_child = loader == "child"
             ids = cache.usable(cohort.slides)
             n_dropped = drop_page_cache(cohort.feature_dir) if drop_cache else 0
 
@@ -266,7 +269,8 @@ def measure_epoch_ratio(
                         f"epoch cohort: {len(ids)} slides (20x tiles {min(n20)}-{max(n20)}, all tiles "
                         f"{min(n_all)}-{max(n_all)}, mean {statistics.mean(n_all):.0f}), D={dim}, batch "
                         f"{batch_size}, prefetch {prefetch}, torch threads {torch.get_num_threads()}, steps on "
-                        f"{f'the first {step_tiles} tiles' if step_tiles else 'all tiles'}; "
+                        f"{f'the first {step_tiles} tiles' if step_tiles else 'all tiles'}, bags read by the "
+                        f"{'reader process' if loader == 'child' else 'prefetch thread'}; "
                         f"written/found in {gen_s:.1f}s"
                     )
                 print(
@@ -311,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epoch-step-tiles", type=int, default=0,
                         help="the epoch's steps see only the first K tiles per magnification (0: all): on a CPU, "
                              "a step bound by dispatching ops, as a GPU step is by launching kernels")
+    parser.add_argument("--loader", choices=["child", "thread"], default="child",
+                        help="who reads the first epoch's bags: a reader process (BagCache's default) or the prefetch thread")
     parser.add_argument("--switch-interval", type=float, default=0.0,
                         help="Python's GIL switch interval in s during the run (0: the default, 5 ms); "
                              "how long the loading thread may hold the GIL the launching step waits for")
@@ -327,12 +333,13 @@ def main(argv: list[str] | None = None) -> None:
     epoch_ratio = measure_epoch_ratio(
         args.epoch_slides, args.dim, args.cohort_dir, args.epoch_batch, args.prefetch, args.seed,
         cfg, drop_cache=not args.keep_page_cache, repeats=args.epoch_repeats, device=args.device,
-        step_threads=args.epoch_threads, step_tiles=args.epoch_step_tiles,
+        step_threads=args.epoch_threads, step_tiles=args.epoch_step_tiles, loader=args.loader,
     )
     print(
         f"device={args.device} threads={torch.get_num_threads()} clock={args.clock} tiles={sum(TILES.values())} "
         f"dim={args.dim} sinkhorn_tol={cfg.sinkhorn_tol} switch_interval_ms={1e3 * sys.getswitchinterval():g} "
-        f"epoch_threads={args.epoch_threads or torch.get_num_threads()} epoch_step_tiles={args.epoch_step_tiles}"
+        f"epoch_threads={args.epoch_threads or torch.get_num_threads()} epoch_step_tiles={args.epoch_step_tiles} "
+        f"loader={args.loader}"
     )
     print(
         f"step_ms={step_ms:.1f} attention_ms={attention_ms:.1f} "

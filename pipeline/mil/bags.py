@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +15,9 @@ import numpy as np
 import torch
 
 from pipeline.errors import SlideError
+from pipeline.mil.bag_reader import BagReader, read_slide
 from pipeline.mil.models.config import magnification_value, order_magnifications
-from pipeline.store import read_attrs, read_feature_store, store_status
+from pipeline.store import read_attrs, store_status
 
 log = logging.getLogger(__name__)
 
@@ -95,31 +99,30 @@ def make_bag(slide_id: str, label: int, feats: dict[str, np.ndarray], coords: di
 
 def load_bag(slide_id: str, stores: dict[str, Path], label: int, n_groups: int) -> Bag:
     """One slide's features at every magnification; failed tiles are dropped (masked)."""
-    feats, coords, regions = {}, {}, {}
-    by_store: dict[Path, list[str]] = {}
-    for mag, p in stores.items():
-        by_store.setdefault(Path(p), []).append(mag)
-    for p, mags in by_store.items():
-        _, sets = read_feature_store(p, mags)
-        for mag in mags:
-            s = sets[mag]
-            if s.failed.any():
-                keep = ~s.failed
-                s.features, s.coords, s.region = s.features[keep], s.coords[keep], s.region[keep]
-            feats[mag], coords[mag], regions[mag] = s.features, s.coords, s.region
-    return make_bag(slide_id, label, feats, coords, regions, n_groups)
+    return make_bag(slide_id, label, *read_slide(stores), n_groups)
 
 
 class BagCache:
     """Bags of a cohort, loaded lazily and kept in RAM (features stay float16).
 
-    Thread-safe: the trainer's prefetch thread loads bags while the main thread trains.
+    Thread-safe: the trainer's prefetch thread loads bags (:meth:`stream`) while the main
+    thread trains. A stream of at least `READ_AHEAD_MIN` bags not in RAM yet has them read by a
+    child process (:mod:`pipeline.mil.bag_reader`), off this process's GIL, unless
+    `read_in_child` is False; the bags are the same either way.
     """
 
-    def __init__(self, stores: dict[str, dict[str, Path]], labels: dict[str, int], n_groups: int):
+    READ_AHEAD_MIN = 32  # fewer: not worth a child process (~0.3 s of CPU to start)
+
+    def __init__(self, stores: dict[str, dict[str, Path]], labels: dict[str, int], n_groups: int,
+                 read_in_child: bool = True):
         self.stores, self.labels, self.n_groups = stores, labels, n_groups
+        self.read_in_child = read_in_child
         self._bags: dict[str, Bag] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._reader: BagReader | None = None
+        self._asked: deque[str] = deque()  # slides asked of the reader and not received yet, in order
+        self._asked_set: set[str] = set()
+        self._failed: dict[str, BaseException] = {}  # the reader's errors, raised when their slide is needed
 
     @classmethod
     def from_bags(cls, bags: list[Bag]) -> BagCache:
@@ -143,11 +146,62 @@ class BagCache:
         bag = self._bags.get(slide_id)
         if bag is None:
             with self._lock:  # one loader at a time; a slide is read once
+                if slide_id in self._asked_set:
+                    self._receive_through(slide_id)
+                if slide_id in self._failed:
+                    raise self._failed.pop(slide_id)
                 bag = self._bags.get(slide_id)
                 if bag is None:
                     bag = load_bag(slide_id, self.stores[slide_id], self.labels[slide_id], self.n_groups)
                     self._bags[slide_id] = bag
         return bag
+
+    def stream(self, slide_ids: list[str]) -> Iterator[Bag]:
+        """The bags of `slide_ids`, in order, each kept in RAM; with enough of them not in RAM
+        yet, a reader process reads those ahead (read here until it has started)."""
+        todo = [s for s in dict.fromkeys(slide_ids) if s not in self._bags and s not in self._asked_set]
+        if self.read_in_child and len(todo) >= self.READ_AHEAD_MIN and self._reader is None:
+            self._reader = BagReader()
+            weakref.finalize(self, self._reader.close)
+        for s in slide_ids:
+            if todo and self._reader is not None and self._ready():
+                with self._lock:
+                    todo = [t for t in todo if t not in self._bags]
+                    self._reader.request([(t, self.stores[t]) for t in todo])
+                    self._asked.extend(todo)
+                    self._asked_set.update(todo)
+                todo = []
+            yield self[s]
+
+    def _ready(self) -> bool:
+        try:
+            return self._reader.ready()
+        except EOFError as e:
+            self._reader_gone(e)
+            return False
+
+    def _reader_gone(self, why: object) -> None:
+        code = self._reader.proc.wait()
+        log.warning("the bag reader process ended (%s, exit code %s); reading the remaining bags here", why, code)
+        self._reader.close()
+        self._reader = None
+        self._asked.clear()
+        self._asked_set.clear()
+
+    def _receive_through(self, slide_id: str) -> None:
+        """Take the reader's answers up to `slide_id`'s (under the lock)."""
+        while slide_id in self._asked_set:
+            try:
+                sid, got = self._reader.receive()
+            except EOFError as e:
+                self._reader_gone(f"{slide_id} not received: {e}" if str(e) else f"{slide_id} not received")
+                return
+            self._asked.popleft()
+            self._asked_set.discard(sid)
+            if isinstance(got, BaseException):
+                self._failed[sid] = got
+            else:
+                self._bags[sid] = make_bag(sid, self.labels[sid], *got, self.n_groups)
 
     def __contains__(self, slide_id: str) -> bool:
         """Whether the slide is already in RAM."""
