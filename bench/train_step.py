@@ -28,7 +28,10 @@ At N = 10,000 / 2,500 / 625 tiles (20x / 10x / 5x), D = 512, B = 1:
   fully only where a core is free for it: with ``--epoch-threads 0`` (the step's threads as
   ``--threads``, both of 2 cores busy with the step) the epoch costs about (step CPU +
   loading CPU) / 2, which is not how training runs.
-  ``--epoch-slides 0`` skips it (``nan``).
+  ``--epoch-slides 0`` skips it (``nan``). ``--epoch-step-tiles K`` has the epoch's steps see
+  only the first K tiles per magnification: on a CPU, a step bound by dispatching its ~660 ops
+  (each releasing and retaking the GIL), as a GPU step is by launching kernels, so the loading
+  thread's effect on a GPU step can be studied without a GPU.
 
 The two measurements are interleaved rep by rep so machine noise hits both alike. On a
 machine shared with other jobs, multi-threaded wall times are unreliable (a descheduled

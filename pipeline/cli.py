@@ -565,14 +565,20 @@ def _lesion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", action="append", default=[], metavar="MODEL=NPZ",
                    help="attention.npz of an evaluation (repeat; e.g. one per fold)")
     p.add_argument("--max-tiles-per-slide", type=int, default=None, help="subsample tiles for the probe")
-    p.add_argument("--out-dir", required=True, help="folder for lesion_probe.tsv, lesion_attention.tsv, lesion_eval.json")
+    p.add_argument("--out-dir", required=True,
+                   help="folder for lesion_probe.tsv, lesion_attention.tsv (and .png), lesion_eval.json")
 
 
 @command("evaluate-lesions", _lesion_args)
 def _evaluate_lesions(args: argparse.Namespace) -> int:
     """Lesion evaluation: tile linear-probe AUC per feature set and attention AUC (lesion vs other tiles)."""
     from pipeline.atomic import write_json, write_tsv
-    from pipeline.report.lesion_eval import attention_auc, linear_probe, summarize_attention
+    from pipeline.report.lesion_eval import (
+        attention_auc,
+        linear_probe,
+        plot_lesion_auc,
+        summarize_attention,
+    )
     from pipeline.slides.annotations import lesion_geometries
     from pipeline.slides.sheet import read_sheet
 
@@ -588,6 +594,7 @@ def _evaluate_lesions(args: argparse.Namespace) -> int:
         raise SheetError(f"{args.annotations_dir or args.sheet}: no slide has a readable lesion annotation")
     out = Path(args.out_dir)
     result: dict = {"annotated_slides": len(lesions)}
+    probe = None
     if args.features:
         probe = linear_probe(_features_arg(args.features), {r.slide_id: r.label for r in rows}, lesions,
                              args.normal_label, max_tiles_per_slide=args.max_tiles_per_slide)
@@ -604,6 +611,7 @@ def _evaluate_lesions(args: argparse.Namespace) -> int:
         summary = summarize_attention(table)
         write_tsv(out / "lesion_attention.tsv", table)
         result["attention_auc"] = {m: dict(zip(g["mag"], g["mean_auc"])) for m, g in summary.groupby("model")}
+        plot_lesion_auc(table, probe, out / "lesion_attention.png")
     write_json(out / "lesion_eval.json", result)
     logging.info("lesion evaluation -> %s: %s", out, json.dumps(result))
     return 0

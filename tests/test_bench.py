@@ -30,18 +30,29 @@ def _load(name: str):
     return mod
 
 
-def test_train_step_last_line(tmp_path, capsys):
+@pytest.mark.parametrize("step_tiles", [0, 4])
+def test_train_step_last_line(tmp_path, capsys, step_tiles):
     mod = _load("train_step")
     mod.main(["--dim", "16", "--reps", "1", "--warmup", "0", "--epoch-slides", "8", "--epoch-repeats", "1",
-              "--cohort-dir", str(tmp_path), "--threads", "2"])
+              "--cohort-dir", str(tmp_path), "--threads", "2", "--epoch-step-tiles", str(step_tiles)])
     *_, settings, last = capsys.readouterr().out.strip().splitlines()
     # the epoch's step on one thread (the loader has the other core), the step alone on --threads
-    assert " threads=2 " in settings and settings.endswith("epoch_threads=1")
+    assert " threads=2 " in settings and settings.endswith(f"epoch_threads=1 epoch_step_tiles={step_tiles}")
     m = re.fullmatch(r"step_ms=([\d.]+) attention_ms=([\d.]+) ratio=([\d.]+) epoch_ratio=([\d.]+)", last)
     assert m, last
     step, att, ratio, epoch = map(float, m.groups())
     assert step > 0 and att > 0 and ratio == pytest.approx(step / att, abs=2e-3)
     assert math.isfinite(epoch) and epoch > 0.5
+
+
+def test_loader_gil_last_line(tmp_path, capsys):
+    _load("loader_gil").main(["--slides", "8", "--dim", "16", "--step-tiles", "4", "--steps", "2", "--repeats", "1",
+                              "--rate", "1000", "--cohort-dir", str(tmp_path)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len([line for line in out if line.startswith("repeat 0 ")]) == 4
+    m = re.fullmatch(r"load=([\d.]+) unpickle=([\d.]+) stat=([\d.]+) copy=([\d.]+)", out[-1])
+    assert m, out[-1]
+    assert all(float(v) > 0 for v in m.groups())
 
 
 def test_train_step_epoch_skipped_is_nan(capsys):

@@ -14,6 +14,7 @@ from pipeline.report.lesion_eval import (
     attention_auc,
     lesion_tiles,
     linear_probe,
+    plot_lesion_auc,
     summarize_attention,
 )
 from pipeline.store import FeatureStoreMeta, FeatureStoreWriter, TileSet
@@ -78,6 +79,20 @@ def test_attention_auc_per_slide_and_magnification(tmp_path):
     assert s.loc[0, "slides"] == 2 and s.loc[0, "mean_auc"] == pytest.approx(0.5)
 
 
+def test_lesion_auc_figure(tmp_path):
+    """One box per (model, magnification) with slides; the probe as bars; an empty table says so."""
+    import matplotlib.image
+
+    table = pd.DataFrame({"model": ["m2otca"] * 4 + ["abmil_3"] * 2, "slide": ["a", "b", "a", "b", "a", "b"],
+                          "mag": ["20x", "20x", "5x", "5x", "20x", "20x"], "auc": [0.9, 0.8, 0.7, np.nan, 0.6, 0.5]})
+    probe = pd.DataFrame({"mag": ["20x", "5x"], "auc": [0.95, 0.85]})
+    assert plot_lesion_auc(table, probe, tmp_path / "f.png") == 3  # abmil_3 has no 5x AUC
+    img = matplotlib.image.imread(tmp_path / "f.png")
+    assert img.shape[0] > 300 and img.shape[1] > 500 and img[..., :3].std() > 0.05  # drawn, not blank
+    assert plot_lesion_auc(table.iloc[:0], None, tmp_path / "empty.png") == 0
+    assert (tmp_path / "empty.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_reads_geojson_annotations(tmp_path):
     d, labels, lesions = _cohort(tmp_path, signal=3.0)
     ann = tmp_path / "ann"
@@ -93,5 +108,12 @@ def test_cli_reads_geojson_annotations(tmp_path):
                  "Tumor", "--features", f"20x={d}", "--out-dir", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "lesion_eval.json").read_text())
     assert result["annotated_slides"] == 4 and result["linear_probe_auc"]["20x"] > 0.95
+    t = _tiles(10, SIDE)  # an attention map that finds s1's lesion exactly: AUC 1, and its figure
+    np.savez(tmp_path / "att.npz", **{"s1|20x|attention": lesion_tiles(t.coords, SIDE, LESION) + 0.1,
+                                       "s1|20x|coords": t.coords})
+    assert main(["evaluate-lesions", "--sheet", str(sheet), "--annotations-dir", str(ann), "--lesion-classes",
+                 "Tumor", "--attention", f"m={tmp_path / 'att.npz'}", "--out-dir", str(tmp_path / "o3")]) == 0
+    assert json.loads((tmp_path / "o3" / "lesion_eval.json").read_text())["attention_auc"] == {"m": {"20x": 1.0}}
+    assert (tmp_path / "o3" / "lesion_attention.png").stat().st_size > 1000
     assert main(["evaluate-lesions", "--sheet", str(sheet), "--annotations-dir", str(tmp_path),
                  "--lesion-classes", "Tumor", "--out-dir", str(tmp_path / "o2")]) == 2  # no annotations: one line

@@ -98,6 +98,38 @@ def rule_blocks() -> list[dict[str, str]]:
     return rules
 
 
+def test_lesion_evaluation_runs_when_lesions_are_named(tmp_path):
+    """annotations.lesion_classes + a folder of annotations: evaluate-lesions gets every fold's
+    attention of every model and the features of every magnification; without classes: no job."""
+    slide = shared_slide("CMU-1-Small-Region.svs")
+    rows = [("cmu", slide, "tumor"), ("cmu2", slide, "normal"), ("cmu3", slide, "tumor"), ("cmu4", slide, "normal")]
+    base = "splits: {folds: 2}\nmodels: [abmil_3, m2otca]\nheatmaps: {n_auto: 0}\n"
+    cmds = {}
+    for name, extra in (("on", "annotations: {lesion_classes: [Tumor, 'O''Brien'], non_lesion_classes: [_2], "
+                                "dir: ann dir}\n"),
+                        ("off", "annotations: {lesion_classes: []}\n")):
+        cohort = tmp_path / name
+        (cohort / "ann dir").mkdir(parents=True)
+        write_cohort(cohort, rows, base + extra)
+        r = subprocess.run(snakemake_cmd(cohort, "-n", "-p"), capture_output=True, text=True, cwd=cohort, env=venv_env())
+        assert r.returncode == 0, r.stderr[-3000:]
+        cmds[name] = [a for a in shell_commands(r.stdout + r.stderr) if a[0] == "evaluate-lesions"]
+    assert cmds["off"] == [] and len(cmds["on"]) == 1
+    argv = cmds["on"][0]
+    build_parser().parse_args(argv)
+    assert arg(argv, "--annotations-dir") == "ann dir" and arg(argv, "--lesion-classes") == "Tumor,O'Brien"
+    assert arg(argv, "--non-lesion-classes") == "_2"
+    assert arg(argv, "--normal-label") == "normal" and arg(argv, "--out-dir") == "results/tiny/lesions/resnet18_simclr"
+    attention = [argv[i + 1] for i, a in enumerate(argv) if a == "--attention"]
+    assert sorted(attention) == sorted(f"{m}=results/tiny/models/resnet18_simclr/{m}/fold_{k}/attention.npz"
+                                       for m in ("abmil_3", "m2otca") for k in (0, 1))
+    assert [argv[i + 1].split("=")[0] for i, a in enumerate(argv) if a == "--features"] == ["20x", "10x", "5x"]
+    (tmp_path / "on" / "ann dir").rmdir()  # a folder that is not there: one clear error before any job
+    r = subprocess.run(snakemake_cmd(tmp_path / "on", "-n"), capture_output=True, text=True, cwd=tmp_path / "on",
+                       env=venv_env())
+    assert r.returncode != 0 and "annotations.dir ann dir: no such folder" in r.stdout + r.stderr
+
+
 def env_pins(env: Path) -> dict[str, str]:
     spec = yaml.safe_load(env.read_text())
     pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict) and "pip" in d)

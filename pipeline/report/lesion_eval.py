@@ -142,3 +142,58 @@ def summarize_attention(table: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["model", "mag", "slides", "mean_auc", "median_auc"])
     g = table.dropna(subset=["auc"]).groupby(["model", "mag"], sort=False)["auc"]
     return g.agg(slides="count", mean_auc="mean", median_auc="median").reset_index()
+
+
+def plot_lesion_auc(table: pd.DataFrame, probe: pd.DataFrame | None, out: str | Path) -> int:
+    """Per magnification: each model's per-slide attention AUC (box and points; 0.5 = attention
+    blind to the lesion) and the features' linear-probe AUC (what attention could
+    reach on these features), as a dotted line. Returns how many (model, magnification) boxes it drew."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.atomic import atomic_path
+    from pipeline.mil.models.config import order_magnifications
+
+    t = table.dropna(subset=["auc"])
+    mags = order_magnifications(list(dict.fromkeys(list(t["mag"]) + list(probe["mag"] if probe is not None else []))))
+    models = list(dict.fromkeys(t["model"]))
+    fig, ax = plt.subplots(figsize=(min(14.0, 3.5 + 0.4 * max(1, len(mags)) * max(1, len(models))), 4.2), dpi=110)
+    width = 0.8 / max(1, len(models))
+    colors = plt.get_cmap("tab10").colors
+    rng = np.random.default_rng(0)  # jitter of the points only
+    drawn, labelled = 0, set()
+    for i, mag in enumerate(mags):
+        if probe is not None and (p := probe.loc[probe["mag"] == mag, "auc"]).notna().any():
+            ax.hlines(float(p.iloc[0]), i - 0.45, i + 0.45, colors="0.25", lw=2, linestyles=":", zorder=4,
+                      label=None if ("probe",) in labelled else "linear probe of the features (tiles)")
+            labelled.add(("probe",))
+        for j, model in enumerate(models):
+            v = t.loc[(t["model"] == model) & (t["mag"] == mag), "auc"].to_numpy(float)
+            if not len(v):
+                continue
+            x = i - 0.4 + width * (j + 0.5)
+            ax.boxplot([v], positions=[x], widths=width * 0.8, showfliers=False, patch_artist=True,
+                       boxprops={"facecolor": (*colors[j % 10], 0.35)}, medianprops={"color": "k"})
+            n_slides = t.loc[t["model"] == model, "slide"].nunique()
+            ax.scatter(x + rng.uniform(-width / 5, width / 5, len(v)), v, s=9, color=colors[j % 10], zorder=3,
+                       label=None if model in labelled else f"{model} attention ({n_slides} slides)")
+            labelled.add(model)
+            drawn += 1
+    ax.axhline(0.5, ls="--", c="grey", lw=1)
+    ax.text(-0.45, 0.5, " chance", va="bottom", fontsize=7, color="grey")
+    ax.set_xticks(range(len(mags)), mags)
+    ax.set(ylim=(0, 1.02), ylabel="ROC AUC, lesion vs other tiles",
+           title="Does attention find the lesions? (annotated tumour slides)")
+    if not drawn:
+        ax.text(0.5, 0.5, "no annotated slide with lesion and other tiles", ha="center", va="center",
+                transform=ax.transAxes)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the data
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return drawn

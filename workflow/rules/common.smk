@@ -181,6 +181,7 @@ FEATURESET = (
 )
 MODELS = f"{RESULTS}/models/{FEATURESET}"
 METRICS = f"{RESULTS}/metrics/{FEATURESET}"
+LESIONS = f"{RESULTS}/lesions/{FEATURESET}"
 
 
 wildcard_constraints:
@@ -322,6 +323,7 @@ def get_final_output(wildcards=None):
         + [f"{RESULTS}/failed_slides.tsv", f"{METRICS}/manifest.json"]
         + get_cohort_qc_outputs()
         + get_qupath_outputs()
+        + get_lesion_outputs()
     )
 
 
@@ -371,6 +373,35 @@ def get_predict_heatmap_slides_args(wildcards=None):
 
 def get_cohort_qc_outputs(wildcards=None):
     return [f"{RESULTS}/qc/cohort_outliers.tsv", f"{RESULTS}/qc/cohort_pca.svg"]
+
+
+def get_lesion_outputs(wildcards=None):
+    """The lesion evaluation of a training run: when lesion classes are named and annotations
+    given (a folder, or the sheet's column for at least one slide)."""
+    ann = config["annotations"]
+    if RUN is not None or not ann["lesion_classes"]:
+        return []
+    # after the demo's checkpoint, which writes the demo's annotations
+    sheet = get_sheet()
+    if ann["dir"] and not Path(ann["dir"]).is_dir():
+        raise ValueError(
+            f"annotations.dir {ann['dir']}: no such folder "
+            "(annotations.lesion_classes: [] skips the lesion evaluation)"
+        )
+    if not ann["dir"] and not sheet["annotations"].notna().any():
+        return []
+    return [f"{LESIONS}/lesion_eval.json", f"{LESIONS}/lesion_attention.png"]
+
+
+def get_lesion_args(wildcards=None):
+    """evaluate-lesions' annotation options (a list: quote it with :q): the lesion classes, those
+    cut out of lesions, and the folder of annotations when set (else the sheet's column).
+    """
+    ann = config["annotations"]
+    args = ["--lesion-classes", ",".join(ann["lesion_classes"])]
+    if ann["non_lesion_classes"]:
+        args += ["--non-lesion-classes", ",".join(ann["non_lesion_classes"])]
+    return args + (["--annotations-dir", ann["dir"]] if ann["dir"] else [])
 
 
 def get_qupath_outputs(wildcards=None):

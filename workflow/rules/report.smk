@@ -77,3 +77,38 @@ rule write_manifest:
     shell:
         "python -m pipeline manifest --config-json {params.config:q} --sheet {input.sheet:q} "
         "--repo {params.repo:q} --weights-sha256 {params.weights:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule evaluate_lesions:
+    input:
+        sheet=get_sheet_path,
+        features=get_feature_stores,
+        attention=get_attention_files,
+    output:
+        probe=f"{LESIONS}/lesion_probe.tsv",
+        table=f"{LESIONS}/lesion_attention.tsv",
+        figure=report(
+            f"{LESIONS}/lesion_attention.png",
+            caption="../report/lesions.rst",
+            category="Lesions",
+        ),
+        summary=f"{LESIONS}/lesion_eval.json",
+    log:
+        f"{LOGS}/evaluate_lesions.log",
+    conda:
+        "../../envs/training.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        annotations=get_lesion_args,
+        normal=config["annotations"]["normal_label"],
+        features=feature_args,
+        attention=get_attention_args,
+        out=subpath(output.summary, parent=True),
+        code=code_fingerprint("evaluate-lesions"),
+    shell:
+        "python -m pipeline evaluate-lesions --sheet {input.sheet:q} {params.annotations:q} "
+        "--normal-label {params.normal:q} {params.features:q} {params.attention:q} "
+        "--out-dir {params.out:q} > {log:q} 2>&1"

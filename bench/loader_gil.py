@@ -1,0 +1,134 @@
+"""Benchmark: how much a second thread's work slows a dispatch-bound training step, by kind of work.
+
+A GPU training step is a stream of kernel launches, each releasing and retaking the GIL; on a
+CPU the same M2OTCA step on the first `--step-tiles` tiles per magnification is bound the same
+way (dispatching ~660 small ops). This times `--steps` such steps alone, then beside a thread
+doing one kind of work at a fixed rate, and prints each ratio (beside / alone):
+
+- ``load``: reading bags from Zarr feature stores (``pipeline.mil.bags.load_bag``, what the
+  trainer's prefetch thread does in the first epoch), `--rate` slides/s;
+- ``unpickle``: receiving the same bags already read, pickled (what a reader process would
+  cost this process), `--rate` slides/s;
+- ``stat``: tiny GIL-releasing system calls (``os.stat``), as fast as they go;
+- ``copy``: 4 MiB numpy copies (the GIL released inside), as fast as they go.
+
+The cohort comes from ``pipeline.synthetic.bags`` (as in ``bench/train_step.py``), cached under
+`--cohort-dir`. Kinds are interleaved `--repeats` times; medians are printed. The last line is
+``load=<x> unpickle=<x> stat=<x> copy=<x>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.mil.bags import cohort_cache, collate, load_bag  # noqa: E402
+from pipeline.mil.models import ModelConfig, create_model  # noqa: E402
+
+
+def small_step(bags: list, mags: list[str], dim: int, k: int):
+    """A training step of M2OTCA on the first `k` tiles per magnification of `bags`."""
+    batch, labels = collate(bags, mags)
+    batch = {key: {t: v[:, :k] for t, v in part.items()} for key, part in batch.items()}
+    torch.manual_seed(0)
+    model = create_model("m2otca", {t: dim for t in mags}, 2, ModelConfig())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = model(batch, labels=labels)
+        torch.nn.functional.cross_entropy(out["logits"], labels).backward()
+        opt.step()
+
+    return step
+
+
+def worker(kind: str, rate: float, stop: threading.Event, jobs: dict) -> None:
+    """Does `kind` of work until `stop`, at `rate` units/s for load and unpickle."""
+    ids, stores, pickles, n_groups = jobs["ids"], jobs["stores"], jobs["pickles"], jobs["n_groups"]
+    src = np.ones(4 << 20, np.uint8)
+    dst = np.empty_like(src)
+    start, i = time.perf_counter(), 0
+    while not stop.is_set():
+        if kind == "load":
+            s = ids[i % len(ids)]
+            load_bag(s, stores[s], 0, n_groups)
+        elif kind == "unpickle":
+            pickle.loads(pickles[i % len(pickles)])
+        elif kind == "stat":
+            for _ in range(100):
+                os.stat(jobs["path"])
+        elif kind == "copy":
+            np.copyto(dst, src)
+        i += 1
+        if kind in ("load", "unpickle") and (wait := start + i / rate - time.perf_counter()) > 0:
+            time.sleep(wait)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipeline.store import FEATURE_CODEC
+    from pipeline.synthetic.bags import SynthConfig, make_cohort
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slides", type=int, default=270, help="slides of the cohort the loader reads")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--step-tiles", type=int, default=32, help="tiles per magnification the step sees")
+    parser.add_argument("--steps", type=int, default=60, help="steps timed per measurement")
+    parser.add_argument("--rate", type=float, default=60.0, help="slides/s loaded (or unpickled) beside the step")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cohort-dir", default="/tmp/m2otca_bench_cohort")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the step on one core, the other thread on the other
+
+    scfg = SynthConfig(n_slides=args.slides, dim=args.dim, regions=(20, 200), seed=0)
+    codec = FEATURE_CODEC.to_dict()["configuration"]
+    cohort = make_cohort(Path(args.cohort_dir) / f"{args.slides}-{args.dim}-{scfg.key()}-{codec['cname']}", scfg)
+    mags = list(cohort.feature_dirs)
+    cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, ModelConfig().n_groups)
+    ids = cache.usable(cohort.slides)
+    bags = [cache[s] for s in ids[:40]]
+    step = small_step(bags[:4], mags, args.dim, args.step_tiles)
+    jobs = {"ids": ids, "stores": cache.stores, "n_groups": cache.n_groups, "path": str(cohort.sheet),
+            "pickles": [pickle.dumps({k: {t: np.asarray(v) for t, v in getattr(b, k).items()}  # numpy, as a reader sends
+                                      for k in ("feats", "group", "xy", "coords")}, protocol=5) for b in bags]}
+
+    def timed() -> float:
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        return time.perf_counter() - t
+
+    for _ in range(3):
+        step()
+    kinds = ["load", "unpickle", "stat", "copy"]
+    ratios: dict[str, list[float]] = {k: [] for k in kinds}
+    for rep in range(args.repeats):
+        for kind in kinds:
+            alone = timed()
+            stop = threading.Event()
+            th = threading.Thread(target=worker, args=(kind, args.rate, stop, jobs), daemon=True)
+            th.start()
+            beside = timed()
+            stop.set()
+            th.join()
+            ratios[kind].append(beside / alone)
+            print(f"repeat {rep} {kind:9s}: {args.steps} steps alone {alone:.2f}s, beside {beside:.2f}s, "
+                  f"ratio {ratios[kind][-1]:.3f}", flush=True)
+    print(f"step on the first {args.step_tiles} tiles per magnification, D={args.dim}, {args.steps} steps, "
+          f"load/unpickle at {args.rate:g} slides/s, {args.repeats} repeats (medians)")
+    print(" ".join(f"{k}={statistics.median(v):.3f}" for k, v in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()
