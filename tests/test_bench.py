@@ -37,7 +37,7 @@ def test_train_step_last_line(tmp_path, capsys, step_tiles):
               "--cohort-dir", str(tmp_path), "--threads", "2", "--epoch-step-tiles", str(step_tiles)])
     *_, settings, last = capsys.readouterr().out.strip().splitlines()
     # the epoch's step on one thread (the loader has the other core), the step alone on --threads
-    assert " threads=2 " in settings and settings.endswith(f"epoch_threads=1 epoch_step_tiles={step_tiles}")
+    assert " threads=2 " in settings and settings.endswith(f"epoch_threads=1 epoch_step_tiles={step_tiles} loader=child")
     m = re.fullmatch(r"step_ms=([\d.]+) attention_ms=([\d.]+) ratio=([\d.]+) epoch_ratio=([\d.]+)", last)
     assert m, last
     step, att, ratio, epoch = map(float, m.groups())

@@ -123,6 +123,7 @@ class BagCache:
         self._asked: deque[str] = deque()  # slides asked of the reader and not received yet, in order
         self._asked_set: set[str] = set()
         self._failed: dict[str, BaseException] = {}  # the reader's errors, raised when their slide is needed
+        self.read_by_reader = 0  # bags the reader process read (the others were read in this process)
 
     @classmethod
     def from_bags(cls, bags: list[Bag]) -> BagCache:
@@ -202,6 +203,7 @@ class BagCache:
                 self._failed[sid] = got
             else:
                 self._bags[sid] = make_bag(sid, self.labels[sid], *got, self.n_groups)
+                self.read_by_reader += 1
 
     def __contains__(self, slide_id: str) -> bool:
         """Whether the slide is already in RAM."""
