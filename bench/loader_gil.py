@@ -12,8 +12,8 @@ doing one kind of work at a fixed rate, and prints each ratio (beside / alone):
 - ``stat``: tiny GIL-releasing system calls (``os.stat``), as fast as they go;
 - ``copy``: 4 MiB numpy copies (the GIL released inside), as fast as they go.
 
-The cohort comes from ``pipeline.synthetic.bags`` (as in ``bench/train_step.py``), cached under
-`--cohort-dir`. Kinds are interleaved `--repeats` times; medians are printed. The last line is
+The cohort is ``bench/train_step.py``'s (``epoch_cohort``), cached under `--cohort-dir`; the
+step is its :class:`FirstTiles` wrapper. Kinds are interleaved `--repeats` times; medians are printed. The last line is
 ``load=<x> unpickle=<x> stat=<x> copy=<x>``.
 """
 
@@ -32,6 +32,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_step import FirstTiles, epoch_cohort  # noqa: E402
 
 from pipeline.mil.bags import cohort_cache, collate, load_bag  # noqa: E402
 from pipeline.mil.models import ModelConfig, create_model  # noqa: E402
@@ -40,9 +43,8 @@ from pipeline.mil.models import ModelConfig, create_model  # noqa: E402
 def small_step(bags: list, mags: list[str], dim: int, k: int):
     """A training step of M2OTCA on the first `k` tiles per magnification of `bags`."""
     batch, labels = collate(bags, mags)
-    batch = {key: {t: v[:, :k] for t, v in part.items()} for key, part in batch.items()}
     torch.manual_seed(0)
-    model = create_model("m2otca", {t: dim for t in mags}, 2, ModelConfig())
+    model = FirstTiles(create_model("m2otca", {t: dim for t in mags}, 2, ModelConfig()), k)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step() -> None:
@@ -77,9 +79,6 @@ def worker(kind: str, rate: float, stop: threading.Event, jobs: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.store import FEATURE_CODEC
-    from pipeline.synthetic.bags import SynthConfig, make_cohort
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slides", type=int, default=270, help="slides of the cohort the loader reads")
     parser.add_argument("--dim", type=int, default=512)
@@ -91,9 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the step on one core, the other thread on the other
 
-    scfg = SynthConfig(n_slides=args.slides, dim=args.dim, regions=(20, 200), seed=0)
-    codec = FEATURE_CODEC.to_dict()["configuration"]
-    cohort = make_cohort(Path(args.cohort_dir) / f"{args.slides}-{args.dim}-{scfg.key()}-{codec['cname']}", scfg)
+    cohort = epoch_cohort(args.slides, args.dim, args.cohort_dir)
     mags = list(cohort.feature_dirs)
     cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, ModelConfig().n_groups)
     ids = cache.usable(cohort.slides)

@@ -197,6 +197,17 @@ class FirstTiles(torch.nn.Module):
         return self.model(cut, labels=labels)
 
 
+def epoch_cohort(n_slides: int, dim: int, cohort_dir: str | Path, regions: tuple[int, int] = (20, 200), seed: int = 0):
+    """The synthetic Zarr cohort of the epoch benchmarks, written once under `cohort_dir`
+    (keyed by its settings and the feature codec: stores of another codec are not reused)."""
+    from pipeline.store import FEATURE_CODEC
+    from pipeline.synthetic.bags import SynthConfig, make_cohort
+
+    scfg = SynthConfig(n_slides=n_slides, dim=dim, regions=regions, seed=seed)
+    codec = FEATURE_CODEC.to_dict()["configuration"]
+    return make_cohort(Path(cohort_dir) / f"{n_slides}-{dim}-{scfg.key()}-{codec['cname']}", scfg)
+
+
 def measure_epoch_ratio(
     n_slides: int = 270,
     dim: int = 512,
@@ -222,16 +233,12 @@ def measure_epoch_ratio(
 
     from pipeline.mil.bags import cohort_cache
     from pipeline.mil.train import TrainConfig, make_optimizer, train_epoch
-    from pipeline.store import FEATURE_CODEC
-    from pipeline.synthetic.bags import SynthConfig, make_cohort
 
     if n_slides <= 0:
         return math.nan
     cfg = cfg or ModelConfig()
-    scfg = SynthConfig(n_slides=n_slides, dim=dim, regions=regions, seed=seed)
     start = time.perf_counter()
-    codec = FEATURE_CODEC.to_dict()["configuration"]  # stores written with another codec are not reused
-    cohort = make_cohort(Path(cohort_dir) / f"{n_slides}-{dim}-{scfg.key()}-{codec['cname']}", scfg)
+    cohort = epoch_cohort(n_slides, dim, cohort_dir, regions, seed)
     gen_s = time.perf_counter() - start
     tcfg = TrainConfig(batch_size=batch_size, seed=seed, prefetch=prefetch, model=cfg.to_dict())
     mags = list(cohort.feature_dirs)

@@ -163,12 +163,14 @@ def plot_lesion_auc(table: pd.DataFrame, probe: pd.DataFrame | None, out: str | 
     width = 0.8 / max(1, len(models))
     colors = plt.get_cmap("tab10").colors
     rng = np.random.default_rng(0)  # jitter of the points only
-    drawn, labelled = 0, set()
+    n_slides = t.groupby("model")["slide"].nunique()
+    drawn, labelled = 0, set()  # models already in the legend
+    probe_label = "linear probe of the features (tiles)"  # on the first probe line only
     for i, mag in enumerate(mags):
         if probe is not None and (p := probe.loc[probe["mag"] == mag, "auc"]).notna().any():
             ax.hlines(float(p.iloc[0]), i - 0.45, i + 0.45, colors="0.25", lw=2, linestyles=":", zorder=4,
-                      label=None if ("probe",) in labelled else "linear probe of the features (tiles)")
-            labelled.add(("probe",))
+                      label=probe_label)
+            probe_label = None
         for j, model in enumerate(models):
             v = t.loc[(t["model"] == model) & (t["mag"] == mag), "auc"].to_numpy(float)
             if not len(v):
@@ -176,9 +178,8 @@ def plot_lesion_auc(table: pd.DataFrame, probe: pd.DataFrame | None, out: str | 
             x = i - 0.4 + width * (j + 0.5)
             ax.boxplot([v], positions=[x], widths=width * 0.8, showfliers=False, patch_artist=True,
                        boxprops={"facecolor": (*colors[j % 10], 0.35)}, medianprops={"color": "k"})
-            n_slides = t.loc[t["model"] == model, "slide"].nunique()
             ax.scatter(x + rng.uniform(-width / 5, width / 5, len(v)), v, s=9, color=colors[j % 10], zorder=3,
-                       label=None if model in labelled else f"{model} attention ({n_slides} slides)")
+                       label=None if model in labelled else f"{model} attention ({n_slides[model]} slides)")
             labelled.add(model)
             drawn += 1
     ax.axhline(0.5, ls="--", c="grey", lw=1)
