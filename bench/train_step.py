@@ -57,7 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.mil.bags import assign_groups  # noqa: E402
+from pipeline.mil.bag_arrays import assign_groups  # noqa: E402
 from pipeline.mil.models import ModelConfig, create_model  # noqa: E402
 from pipeline.mil.models.abmil import ABMIL  # noqa: E402
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pipeline.mil.bags import assign_groups, cohort_cache, collate, tile_sides
+from pipeline.mil.bag_arrays import assign_groups, tile_sides
+from pipeline.mil.bags import cohort_cache, collate
 from pipeline.mil.metrics import METRICS, classification_metrics
 from pipeline.mil.models import ModelConfig, create_model
 from pipeline.mil.splits import fold_names, make_splits, read_splits, write_splits
@@ -261,87 +262,6 @@ def test_prefetch_iterator_same_batches_and_errors(loaded):
     it = iter_batches(cache, chunks, list(MAGS), prefetch=1)
     next(it)
     it.close()  # a consumer that stops early stops the thread
-
-
-def _same_bag(a, b) -> bool:
-    return a.slide_id == b.slide_id and a.label == b.label and all(
-        torch.equal(getattr(a, k)[t], getattr(b, k)[t]) for k in ("feats", "group", "xy") for t in MAGS
-    ) and all(np.array_equal(a.coords[t], b.coords[t]) for t in MAGS)
-
-
-def _reader_ready(cache, timeout: float = 30.0) -> None:
-    import time
-
-    end = time.monotonic() + timeout
-    while not cache._reader.ready():
-        assert time.monotonic() < end, "the bag reader process did not start"
-        time.sleep(0.05)
-
-
-def test_stream_reads_in_a_reader_process_the_same_bags(cohort, loaded, monkeypatch):
-    ref, _, ids = loaded
-    expected = {s: ref[s] for s in ids}
-    monkeypatch.setattr("pipeline.mil.bags.BagCache.READ_AHEAD_MIN", 2)
-    cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, MODEL["n_groups"])
-    order = ids[5:] + ids[:5] + ids[:2]  # any order, repeats allowed
-    it = cache.stream(order)
-    got = [next(it)]  # read here: the reader is starting
-    _reader_ready(cache)
-    got += list(it)
-    assert [b.slide_id for b in got] == order and all(_same_bag(g, expected[g.slide_id]) for g in got)
-    assert cache.read_by_reader == len(ids) - 1 and got[-2] is cache[ids[0]]  # a repeat: the cached bag
-    inline, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, MODEL["n_groups"])
-    inline.read_in_child = False
-    assert all(_same_bag(g, expected[g.slide_id]) for g in inline.stream(order))
-    assert inline._reader is None and inline.read_by_reader == 0
-
-
-def test_stream_reader_errors_death_and_abandon(cohort, loaded, monkeypatch, caplog, tmp_path):
-    import gc
-    import shutil
-
-    from pipeline.errors import SlideError
-
-    ref, _, ids = loaded
-    expected = {s: ref[s] for s in ids}
-    monkeypatch.setattr("pipeline.mil.bags.BagCache.READ_AHEAD_MIN", 2)
-    # a damaged store: the reader's SlideError reaches the consumer with its type and one line
-    cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, MODEL["n_groups"])
-    bad = tmp_path / "bad.zarr"
-    shutil.copytree(cache.stores[ids[3]]["20x"], bad)
-    for chunk in (bad / "20x" / "features" / "c").rglob("*"):
-        if chunk.is_file():
-            chunk.write_bytes(b"garbage")
-    cache.stores[ids[3]] = {t: bad for t in MAGS}
-    it = cache.stream(ids)
-    next(it)
-    _reader_ready(cache)
-    assert [next(it).slide_id for _ in range(2)] == ids[1:3] and cache.read_by_reader == 2
-    with pytest.raises(SlideError, match=rf"^{ids[3]}: feature store .*bad\.zarr is damaged \(.*checksum mismatch"):
-        next(it)
-    # a reader that dies (killed, out of memory): logged, the rest read here, the same bags
-    cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, MODEL["n_groups"])
-    it = cache.stream(ids)
-    got = [next(it)]
-    _reader_ready(cache)
-    got.append(next(it))
-    cache._reader.proc.kill()
-    with caplog.at_level(logging.WARNING, logger="pipeline.mil.bags"):
-        got += list(it)
-    assert [g.slide_id for g in got] == ids and all(_same_bag(g, expected[g.slide_id]) for g in got)
-    assert "the bag reader process ended" in caplog.text and "reading the remaining bags here" in caplog.text
-    # an abandoned stream: the slides asked of the reader still arrive, in any order asked for
-    cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, MODEL["n_groups"])
-    it = cache.stream(ids)
-    next(it)
-    _reader_ready(cache)
-    next(it)
-    it.close()
-    assert _same_bag(cache[ids[-1]], expected[ids[-1]]) and cache.read_by_reader == len(ids) - 1
-    proc = cache._reader.proc
-    del cache, it
-    gc.collect()
-    assert proc.wait(10) is not None  # the cache gone: its reader process ends
 
 
 # --------------------------------------------------------------------------- training and evaluation
