@@ -49,8 +49,8 @@ def test_loader_gil_last_line(tmp_path, capsys):
     _load("loader_gil").main(["--slides", "8", "--dim", "16", "--step-tiles", "4", "--steps", "2", "--repeats", "1",
                               "--rate", "1000", "--cohort-dir", str(tmp_path)])
     out = capsys.readouterr().out.strip().splitlines()
-    assert len([line for line in out if line.startswith("repeat 0 ")]) == 4
-    m = re.fullmatch(r"load=([\d.]+) unpickle=([\d.]+) stat=([\d.]+) copy=([\d.]+)", out[-1])
+    assert len([line for line in out if line.startswith("repeat 0 ")]) == 5
+    m = re.fullmatch(r"load=([\d.]+) unpickle=([\d.]+) receive=([\d.]+) stat=([\d.]+) copy=([\d.]+)", out[-1])
     assert m, out[-1]
     assert all(float(v) > 0 for v in m.groups())
 
