@@ -266,12 +266,14 @@ def measure_epoch_ratio(
             cache.read_in_child = loader == "child"
             ids = cache.usable(cohort.slides)
             n_dropped = drop_page_cache(cohort.feature_dir) if drop_cache else 0
+            if pin:  # what this thread starts (the reader, the prefetch thread) inherits the loading CPUs
+                os.sched_setaffinity(0, loader_cpus)
+            cache.start_reader(ids)  # as train_fold does before building its model
 
             # the first epoch, end to end: every bag read from its store (prefetched), padded, trained on
             model, opt, rng = fresh()
             in_epoch: list[float] = []
-            if pin:  # what this thread starts (the prefetch thread, the reader) inherits the loading CPUs
-                os.sched_setaffinity(0, loader_cpus)
+            if pin:  # ... and the steps run on the step's CPU
                 model.register_forward_pre_hook(lambda *_: os.sched_setaffinity(0, step_cpu))
             start = time.perf_counter()
             train_epoch(model, opt, cache, ids, mags, batch_size, rng, prefetch, in_epoch)

@@ -101,7 +101,9 @@ def test_stream_reader_errors_death_and_abandon(cohort, loaded, monkeypatch, cap
         got += list(it)
     assert [g.slide_id for g in got] == ids and all(_same_bag(g, expected[g.slide_id]) for g in got)
     assert "the bag reader process ended" in caplog.text and "reading the remaining bags here" in caplog.text
-    # an abandoned stream: the slides asked of the reader still arrive, in any order asked for
+    # an abandoned stream: the slides asked of the reader (here all: a window wider than the cohort)
+    # still arrive, in any order asked for
+    monkeypatch.setattr("pipeline.mil.bags.BagCache.READ_AHEAD", len(ids))
     cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, N_GROUPS)
     it = cache.stream(ids)
     next(it)

@@ -59,7 +59,7 @@ class BagCache:
     """
 
     READ_AHEAD_MIN = 32  # fewer: not worth a child process (~0.3 s of CPU to start)
-    READ_AHEAD = 64  # slides asked of the reader and not taken yet, at most (bounds its memory files)
+    READ_AHEAD = 16  # slides asked of the reader and not taken yet, at most (bounds its memory files)
 
     def __init__(self, stores: dict[str, dict[str, Path]], labels: dict[str, int], n_groups: int,
                  read_in_child: bool = True):
@@ -105,15 +105,22 @@ class BagCache:
                     self._bags[slide_id] = bag
         return bag
 
-    def stream(self, slide_ids: list[str]) -> Iterator[Bag]:
-        """The bags of `slide_ids`, in order, each kept in RAM; with enough of them not in RAM
-        yet, a reader process reads those ahead, at most `READ_AHEAD` at a time (read here until
-        it has started)."""
+    def start_reader(self, slide_ids: list[str]) -> deque[str]:
+        """Starts the reader process if `slide_ids` holds at least `READ_AHEAD_MIN` bags not in RAM
+        nor asked for yet (it takes ~0.3 s to start: the trainer calls this before building its
+        model); returns those slides."""
         todo = deque(s for s in dict.fromkeys(slide_ids) if s not in self._bags and s not in self._asked_set)
         if (self.read_in_child and len(todo) >= self.READ_AHEAD_MIN and self._reader is None
                 and reader_supported()):
             self._reader = BagReader()
             weakref.finalize(self, self._reader.close)
+        return todo
+
+    def stream(self, slide_ids: list[str]) -> Iterator[Bag]:
+        """The bags of `slide_ids`, in order, each kept in RAM; with enough of them not in RAM
+        yet, a reader process reads those ahead, at most `READ_AHEAD` at a time (read here until
+        it has started)."""
+        todo = self.start_reader(slide_ids)
         for s in slide_ids:
             if todo and self._reader is not None and self._ready():
                 with self._lock:

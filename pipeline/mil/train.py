@@ -222,6 +222,7 @@ def train_fold(model_name: str, cache: BagCache, train_ids: list[str], val_ids: 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     mcfg = ModelConfig.from_dict(cfg.model)
+    cache.start_reader(train_ids + val_ids)  # ready by the first epoch: it starts while the model is built
     dims = cache.dims(train_ids[0])
     model = create_model(model_name, {m: dims[m] for m in mags}, len(classes), mcfg).to(device)
     opt = make_optimizer(model, cfg)
