@@ -7,14 +7,16 @@ doing one kind of work at a fixed rate, and prints each ratio (beside / alone):
 
 - ``load``: reading bags from Zarr feature stores (``pipeline.mil.bags.load_bag``, what the
   trainer's prefetch thread does in the first epoch), `--rate` slides/s;
-- ``unpickle``: receiving the same bags already read, pickled (what a reader process would
-  cost this process), `--rate` slides/s;
+- ``unpickle``: receiving the same bags already read, pickled (what a reader process sending
+  pickles would cost this process), `--rate` slides/s;
+- ``receive``: receiving bags from the reader process (``BagCache.stream``, memory files handed
+  over a socket: what the trainer's prefetch thread does in the first epoch), `--rate` slides/s;
 - ``stat``: tiny GIL-releasing system calls (``os.stat``), as fast as they go;
 - ``copy``: 4 MiB numpy copies (the GIL released inside), as fast as they go.
 
 The cohort is ``bench/train_step.py``'s (``epoch_cohort``), cached under `--cohort-dir`; the
 step is its :class:`FirstTiles` wrapper. Kinds are interleaved `--repeats` times; medians are printed. The last line is
-``load=<x> unpickle=<x> stat=<x> copy=<x>``.
+``load=<x> unpickle=<x> receive=<x> stat=<x> copy=<x>``.
 """
 
 from __future__ import annotations
@@ -56,8 +58,25 @@ def small_step(bags: list, mags: list[str], dim: int, k: int):
     return step
 
 
+def reader_stream(cohort, ids: list[str]):
+    """Bags of `ids` over and over from a reader process each pass, ready before a pass starts."""
+    while True:
+        cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, ModelConfig().n_groups)
+        cache.READ_AHEAD_MIN = 1
+        it = cache.stream(ids)
+        first = next(it)  # read here while the reader starts
+        end = time.monotonic() + 30
+        while not cache._reader.ready():
+            if time.monotonic() > end:
+                raise RuntimeError("the bag reader process did not start")
+            time.sleep(0.01)
+        yield first
+        yield from it
+        cache._reader.close()
+
+
 def worker(kind: str, rate: float, stop: threading.Event, jobs: dict) -> None:
-    """Does `kind` of work until `stop`, at `rate` units/s for load and unpickle."""
+    """Does `kind` of work until `stop`, at `rate` units/s for load, unpickle and receive."""
     ids, stores, pickles, n_groups = jobs["ids"], jobs["stores"], jobs["pickles"], jobs["n_groups"]
     src = np.ones(4 << 20, np.uint8)
     dst = np.empty_like(src)
@@ -68,13 +87,15 @@ def worker(kind: str, rate: float, stop: threading.Event, jobs: dict) -> None:
             load_bag(s, stores[s], 0, n_groups)
         elif kind == "unpickle":
             pickle.loads(pickles[i % len(pickles)])
+        elif kind == "receive":
+            next(jobs["stream"])
         elif kind == "stat":
             for _ in range(100):
                 os.stat(jobs["path"])
         elif kind == "copy":
             np.copyto(dst, src)
         i += 1
-        if kind in ("load", "unpickle") and (wait := start + i / rate - time.perf_counter()) > 0:
+        if kind in ("load", "unpickle", "receive") and (wait := start + i / rate - time.perf_counter()) > 0:
             time.sleep(wait)
 
 
@@ -84,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--step-tiles", type=int, default=32, help="tiles per magnification the step sees")
     parser.add_argument("--steps", type=int, default=60, help="steps timed per measurement")
-    parser.add_argument("--rate", type=float, default=60.0, help="slides/s loaded (or unpickled) beside the step")
+    parser.add_argument("--rate", type=float, default=60.0, help="slides/s loaded, unpickled or received beside the step")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cohort-dir", default="/tmp/m2otca_bench_cohort")
     args = parser.parse_args(argv)
@@ -108,12 +129,15 @@ def main(argv: list[str] | None = None) -> None:
 
     for _ in range(3):
         step()
-    kinds = ["load", "unpickle", "stat", "copy"]
+    kinds = ["load", "unpickle", "receive", "stat", "copy"]
     ratios: dict[str, list[float]] = {k: [] for k in kinds}
     for rep in range(args.repeats):
         for kind in kinds:
             alone = timed()
             stop = threading.Event()
+            if kind == "receive":
+                jobs["stream"] = reader_stream(cohort, ids)
+                next(jobs["stream"])  # the reader started and ready
             th = threading.Thread(target=worker, args=(kind, args.rate, stop, jobs), daemon=True)
             th.start()
             beside = timed()
@@ -123,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"repeat {rep} {kind:9s}: {args.steps} steps alone {alone:.2f}s, beside {beside:.2f}s, "
                   f"ratio {ratios[kind][-1]:.3f}", flush=True)
     print(f"step on the first {args.step_tiles} tiles per magnification, D={args.dim}, {args.steps} steps, "
-          f"load/unpickle at {args.rate:g} slides/s, {args.repeats} repeats (medians)")
+          f"load/unpickle/receive at {args.rate:g} slides/s, {args.repeats} repeats (medians)")
     print(" ".join(f"{k}={statistics.median(v):.3f}" for k, v in ratios.items()))
 
 

@@ -57,7 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.mil.bags import assign_groups  # noqa: E402
+from pipeline.mil.bag_arrays import assign_groups  # noqa: E402
 from pipeline.mil.models import ModelConfig, create_model  # noqa: E402
 from pipeline.mil.models.abmil import ABMIL  # noqa: E402
 
@@ -223,10 +223,15 @@ def measure_epoch_ratio(
     device: str = "cpu",
     step_threads: int = 1,
     step_tiles: int = 0,
+    loader: str = "child",
+    pin: bool = False,
 ) -> float:
     """First-epoch wall time over a Zarr cohort / sum of its steps' compute alone (see module doc);
     `step_threads` torch threads while it runs (0: leave them as they are); `step_tiles` > 0:
-    the steps see only the first `step_tiles` tiles per magnification (:class:`FirstTiles`)."""
+    the steps see only the first `step_tiles` tiles per magnification (:class:`FirstTiles`);
+    `loader`: the first epoch's bags read by a reader process ("child") or by the prefetch thread;
+    `pin`: the steps on the first CPU, the loading (prefetch thread, reader process) on the
+    others, as on a GPU node, where the launching thread keeps a core to itself (Linux)."""
     import numpy as np
 
     from pipeline.mil.bags import cohort_cache
@@ -248,16 +253,28 @@ def measure_epoch_ratio(
             model = FirstTiles(model, step_tiles)
         return model, make_optimizer(model, tcfg), np.random.default_rng(seed)
 
+    if pin:
+        cpus = os.sched_getaffinity(0)
+        step_cpu = {min(cpus)}
+        loader_cpus = cpus - step_cpu
+        if not loader_cpus:
+            raise SystemExit("--pin needs at least 2 CPUs")
     ratios = []
     with torch_threads(step_threads):
         for rep in range(repeats):
             cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, cfg.n_groups)  # cold
+            cache.read_in_child = loader == "child"
             ids = cache.usable(cohort.slides)
             n_dropped = drop_page_cache(cohort.feature_dir) if drop_cache else 0
+            if pin:  # what this thread starts (the reader, the prefetch thread) inherits the loading CPUs
+                os.sched_setaffinity(0, loader_cpus)
+            cache.start_reader(ids)  # as train_fold does before building its model
 
             # the first epoch, end to end: every bag read from its store (prefetched), padded, trained on
             model, opt, rng = fresh()
             in_epoch: list[float] = []
+            if pin:  # ... and the steps run on the step's CPU
+                model.register_forward_pre_hook(lambda *_: os.sched_setaffinity(0, step_cpu))
             start = time.perf_counter()
             train_epoch(model, opt, cache, ids, mags, batch_size, rng, prefetch, in_epoch)
             epoch_s = time.perf_counter() - start
@@ -267,6 +284,8 @@ def measure_epoch_ratio(
             alone: list[float] = []
             train_epoch(model, opt, cache, ids, mags, batch_size, rng, 0, alone)
             steps_s = sum(alone)
+            if pin:
+                os.sched_setaffinity(0, cpus)
             ratios.append(epoch_s / steps_s)
             if verbose:
                 if rep == 0:
@@ -276,7 +295,9 @@ def measure_epoch_ratio(
                         f"epoch cohort: {len(ids)} slides (20x tiles {min(n20)}-{max(n20)}, all tiles "
                         f"{min(n_all)}-{max(n_all)}, mean {statistics.mean(n_all):.0f}), D={dim}, batch "
                         f"{batch_size}, prefetch {prefetch}, torch threads {torch.get_num_threads()}, steps on "
-                        f"{f'the first {step_tiles} tiles' if step_tiles else 'all tiles'}; "
+                        f"{f'the first {step_tiles} tiles' if step_tiles else 'all tiles'}, bags read by the "
+                        f"{'reader process' if loader == 'child' else 'prefetch thread'}"
+                        f"{f', the steps on CPU {min(step_cpu)} and loading on the other {len(loader_cpus)}' if pin else ''}; "
                         f"written/found in {gen_s:.1f}s"
                     )
                 print(
@@ -321,6 +342,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epoch-step-tiles", type=int, default=0,
                         help="the epoch's steps see only the first K tiles per magnification (0: all): on a CPU, "
                              "a step bound by dispatching ops, as a GPU step is by launching kernels")
+    parser.add_argument("--loader", choices=["child", "thread"], default="child",
+                        help="who reads the first epoch's bags: a reader process (BagCache's default) or the prefetch thread")
+    parser.add_argument("--pin", action="store_true",
+                        help="the epoch's steps on the first CPU and its loading on the others (Linux): the step "
+                             "keeps a core to itself, as a GPU step's launching thread does on a GPU node")
     parser.add_argument("--switch-interval", type=float, default=0.0,
                         help="Python's GIL switch interval in s during the run (0: the default, 5 ms); "
                              "how long the loading thread may hold the GIL the launching step waits for")
@@ -337,12 +363,14 @@ def main(argv: list[str] | None = None) -> None:
     epoch_ratio = measure_epoch_ratio(
         args.epoch_slides, args.dim, args.cohort_dir, args.epoch_batch, args.prefetch, args.seed,
         cfg, drop_cache=not args.keep_page_cache, repeats=args.epoch_repeats, device=args.device,
-        step_threads=args.epoch_threads, step_tiles=args.epoch_step_tiles,
+        step_threads=args.epoch_threads, step_tiles=args.epoch_step_tiles, loader=args.loader,
+        pin=args.pin,
     )
     print(
         f"device={args.device} threads={torch.get_num_threads()} clock={args.clock} tiles={sum(TILES.values())} "
         f"dim={args.dim} sinkhorn_tol={cfg.sinkhorn_tol} switch_interval_ms={1e3 * sys.getswitchinterval():g} "
-        f"epoch_threads={args.epoch_threads or torch.get_num_threads()} epoch_step_tiles={args.epoch_step_tiles}"
+        f"epoch_threads={args.epoch_threads or torch.get_num_threads()} epoch_step_tiles={args.epoch_step_tiles} "
+        f"loader={args.loader} pin={int(args.pin)}"
     )
     print(
         f"step_ms={step_ms:.1f} attention_ms={attention_ms:.1f} "

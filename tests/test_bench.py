@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -30,14 +31,20 @@ def _load(name: str):
     return mod
 
 
-@pytest.mark.parametrize("step_tiles", [0, 4])
-def test_train_step_last_line(tmp_path, capsys, step_tiles):
+@pytest.mark.parametrize("step_tiles,pin", [(0, False), (4, True)])
+def test_train_step_last_line(tmp_path, capsys, step_tiles, pin):
+    if pin and len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("--pin needs 2 CPUs")
     mod = _load("train_step")
+    before = os.sched_getaffinity(0)
     mod.main(["--dim", "16", "--reps", "1", "--warmup", "0", "--epoch-slides", "8", "--epoch-repeats", "1",
-              "--cohort-dir", str(tmp_path), "--threads", "2", "--epoch-step-tiles", str(step_tiles)])
+              "--cohort-dir", str(tmp_path), "--threads", "2", "--epoch-step-tiles", str(step_tiles)]
+             + ["--pin"] * pin)
     *_, settings, last = capsys.readouterr().out.strip().splitlines()
     # the epoch's step on one thread (the loader has the other core), the step alone on --threads
-    assert " threads=2 " in settings and settings.endswith(f"epoch_threads=1 epoch_step_tiles={step_tiles}")
+    assert " threads=2 " in settings
+    assert settings.endswith(f"epoch_threads=1 epoch_step_tiles={step_tiles} loader=child pin={int(pin)}")
+    assert os.sched_getaffinity(0) == before  # --pin gives the CPUs back
     m = re.fullmatch(r"step_ms=([\d.]+) attention_ms=([\d.]+) ratio=([\d.]+) epoch_ratio=([\d.]+)", last)
     assert m, last
     step, att, ratio, epoch = map(float, m.groups())
@@ -49,8 +56,8 @@ def test_loader_gil_last_line(tmp_path, capsys):
     _load("loader_gil").main(["--slides", "8", "--dim", "16", "--step-tiles", "4", "--steps", "2", "--repeats", "1",
                               "--rate", "1000", "--cohort-dir", str(tmp_path)])
     out = capsys.readouterr().out.strip().splitlines()
-    assert len([line for line in out if line.startswith("repeat 0 ")]) == 4
-    m = re.fullmatch(r"load=([\d.]+) unpickle=([\d.]+) stat=([\d.]+) copy=([\d.]+)", out[-1])
+    assert len([line for line in out if line.startswith("repeat 0 ")]) == 5
+    m = re.fullmatch(r"load=([\d.]+) unpickle=([\d.]+) receive=([\d.]+) stat=([\d.]+) copy=([\d.]+)", out[-1])
     assert m, out[-1]
     assert all(float(v) > 0 for v in m.groups())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.mil.bags import assign_groups as assign_groups_np
+from pipeline.mil.bag_arrays import assign_groups as assign_groups_np
 from pipeline.mil.models import MODEL_NAMES, ModelConfig, create_model
 from pipeline.mil.models.diagnostics import cross_attention_stats, plan_stats, weight_stats
 from pipeline.mil.models.layers import group_centroids

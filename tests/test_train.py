@@ -13,7 +13,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pipeline.mil.bags import assign_groups, cohort_cache, collate, tile_sides
+from pipeline.mil.bag_arrays import assign_groups, tile_sides
+from pipeline.mil.bags import cohort_cache, collate
 from pipeline.mil.metrics import METRICS, classification_metrics
 from pipeline.mil.models import ModelConfig, create_model
 from pipeline.mil.splits import fold_names, make_splits, read_splits, write_splits

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.errors import SlideError
-from pipeline.mil.models.config import magnification_value, order_magnifications
-from pipeline.store import read_attrs, read_feature_store, store_status
+from pipeline.mil.bag_arrays import bag_arrays, mag_values, read_slide
+from pipeline.mil.bag_reader import BagReader, reader_supported
+from pipeline.store import read_attrs, store_status
 
 log = logging.getLogger(__name__)
 
@@ -27,99 +30,48 @@ class Bag:
     coords: dict[str, np.ndarray]  # mag -> (N_t, 2) level-0 top-left x, y (for heatmaps)
     xy: dict[str, torch.Tensor]  # mag -> (N_t, 2) float32 level-0 tile centres (OT spatial cost)
 
-
-def assign_groups(region_ref: np.ndarray, regions: dict[str, np.ndarray], m: int) -> dict[str, np.ndarray]:
-    """M2OTCA's E1 groups: group index in [0, m) of every tile of every magnification.
-
-    Args:
-        region_ref: (N_ref,) region id of each tile of the finest magnification (the reference).
-        regions: magnification -> (N_t,) region id of each tile (a region is the tissue patch the
-            magnifications share, e.g. one coarse tile; tiles are stored sorted by region id).
-        m: number of groups.
-
-    Returns:
-        magnification -> (N_t,) int64 group index.
-
-    The boundaries are the region ids of the reference tiles at the cumulative-count quantiles
-    ``k * N_ref // m`` (k = 1..m-1); the group of a region id r at ANY magnification is the
-    number of boundaries <= r. Hence groups are runs of consecutive regions (a region is never
-    split), group k covers the same tissue at every magnification, each holds about N_ref / m
-    reference tiles (up to one region's size), a region with no reference tile joins the group
-    of the nearest preceding boundary, and with fewer regions than m some groups are empty (the
-    model masks them, nothing is faked).
-
-    numpy, not torch: bags are loaded in the trainer's prefetch thread, where each small torch op
-    (sort, bucketize) starts an OpenMP team of its own that spins for ~1 ms of CPU while the
-    training step needs those cores (~7 ms of CPU per slide on 2 cores).
-    """
-    if m < 1:
-        raise ValueError(f"number of groups must be >= 1, got {m}")
-    ref = np.sort(np.asarray(region_ref, dtype=np.int64).reshape(-1))  # (N_ref,)
-    bounds = ref[np.arange(1, m) * len(ref) // m] if len(ref) else ref[:0]  # (m - 1,)
-    return {t: np.searchsorted(bounds, np.asarray(r, dtype=np.int64).reshape(-1), side="right").astype(np.int64)
-            for t, r in regions.items()}
-
-
-def tile_sides(coords: dict[str, np.ndarray]) -> dict[str, float]:
-    """Level-0 side of each magnification's tiles, read off the grid the coordinates lie on.
-
-    Tiles of one magnification sit on a grid of pitch = their side, so the smallest positive
-    step between distinct x (or y) values is the side (exact up to the 1 px rounding of the
-    grid); it is measured on the finest magnification with such a step and scaled to the
-    others by the magnification ratio (the grid is nested). 0.0 when no magnification has two
-    tiles in adjacent columns or rows (a one-tile bag: centres need no offset then).
-    """
-    for mag in order_magnifications(coords):
-        steps = [np.diff(np.unique(np.asarray(coords[mag])[:, k])) for k in (0, 1) if len(coords[mag])]
-        steps = [d[d > 0].min() for d in steps if (d > 0).any()]
-        if steps:
-            side = float(min(steps))
-            return {t: side * magnification_value(mag) / magnification_value(t) for t in coords}
-    return {t: 0.0 for t in coords}
+    @classmethod
+    def from_arrays(cls, slide_id: str, label: int, arrays: dict[str, dict[str, np.ndarray]]) -> Bag:
+        """The bag of :func:`~pipeline.mil.bag_arrays.bag_arrays`' arrays (tensors share their memory)."""
+        tensors = {k: {m: torch.from_numpy(a) for m, a in arrays[k].items()} for k in ("feats", "group", "xy")}
+        return cls(slide_id, label, tensors["feats"], tensors["group"], arrays["coords"], tensors["xy"])
 
 
 def make_bag(slide_id: str, label: int, feats: dict[str, np.ndarray], coords: dict[str, np.ndarray],
              regions: dict[str, np.ndarray], n_groups: int) -> Bag:
     """A bag from one slide's per-magnification features, coordinates and region ids: the groups
     (E1's sequential batches, defined by the finest magnification) and tile centres."""
-    if sum(len(f) for f in feats.values()) == 0:
-        raise SlideError(slide_id, "no tiles with tissue at any magnification")
-    ref = order_magnifications(feats)[0]  # the finest magnification defines the groups
-    group = {m: torch.from_numpy(g) for m, g in assign_groups(regions[ref], regions, n_groups).items()}
-    side = tile_sides(coords)
-    xy = {m: torch.from_numpy((np.asarray(c, np.float64) + side[m] / 2).astype(np.float32).reshape(-1, 2))
-          for m, c in coords.items()}
-    tensors = {m: torch.from_numpy(np.ascontiguousarray(f)) for m, f in feats.items()}
-    return Bag(slide_id, label, tensors, group, coords, xy)
+    return Bag.from_arrays(slide_id, label, bag_arrays(slide_id, feats, coords, regions, n_groups))
 
 
 def load_bag(slide_id: str, stores: dict[str, Path], label: int, n_groups: int) -> Bag:
     """One slide's features at every magnification; failed tiles are dropped (masked)."""
-    feats, coords, regions = {}, {}, {}
-    by_store: dict[Path, list[str]] = {}
-    for mag, p in stores.items():
-        by_store.setdefault(Path(p), []).append(mag)
-    for p, mags in by_store.items():
-        _, sets = read_feature_store(p, mags)
-        for mag in mags:
-            s = sets[mag]
-            if s.failed.any():
-                keep = ~s.failed
-                s.features, s.coords, s.region = s.features[keep], s.coords[keep], s.region[keep]
-            feats[mag], coords[mag], regions[mag] = s.features, s.coords, s.region
-    return make_bag(slide_id, label, feats, coords, regions, n_groups)
+    return make_bag(slide_id, label, *read_slide(stores), n_groups)
 
 
 class BagCache:
     """Bags of a cohort, loaded lazily and kept in RAM (features stay float16).
 
-    Thread-safe: the trainer's prefetch thread loads bags while the main thread trains.
+    Thread-safe: the trainer's prefetch thread loads bags (:meth:`stream`) while the main
+    thread trains. A stream of at least `READ_AHEAD_MIN` bags not in RAM yet has them read by a
+    child process (:mod:`pipeline.mil.bag_reader`), off this process's GIL, unless
+    `read_in_child` is False; the bags are the same either way.
     """
 
-    def __init__(self, stores: dict[str, dict[str, Path]], labels: dict[str, int], n_groups: int):
+    READ_AHEAD_MIN = 32  # fewer: not worth a child process (~0.3 s of CPU to start)
+    READ_AHEAD = 16  # slides asked of the reader and not taken yet, at most (bounds its memory files)
+
+    def __init__(self, stores: dict[str, dict[str, Path]], labels: dict[str, int], n_groups: int,
+                 read_in_child: bool = True):
         self.stores, self.labels, self.n_groups = stores, labels, n_groups
+        self.read_in_child = read_in_child
         self._bags: dict[str, Bag] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._reader: BagReader | None = None
+        self._asked: deque[str] = deque()  # slides asked of the reader and not received yet, in order
+        self._asked_set: set[str] = set()
+        self._failed: dict[str, BaseException] = {}  # the reader's errors, raised when their slide is needed
+        self.read_by_reader = 0  # bags the reader process read (the others were read in this process)
 
     @classmethod
     def from_bags(cls, bags: list[Bag]) -> BagCache:
@@ -143,11 +95,77 @@ class BagCache:
         bag = self._bags.get(slide_id)
         if bag is None:
             with self._lock:  # one loader at a time; a slide is read once
+                if slide_id in self._asked_set:
+                    self._receive_through(slide_id)
+                if slide_id in self._failed:
+                    raise self._failed.pop(slide_id)
                 bag = self._bags.get(slide_id)
                 if bag is None:
                     bag = load_bag(slide_id, self.stores[slide_id], self.labels[slide_id], self.n_groups)
                     self._bags[slide_id] = bag
         return bag
+
+    def start_reader(self, slide_ids: list[str]) -> deque[str]:
+        """Starts the reader process if `slide_ids` holds at least `READ_AHEAD_MIN` bags not in RAM
+        nor asked for yet (it takes ~0.3 s to start: the trainer calls this before building its
+        model); returns those slides."""
+        todo = deque(s for s in dict.fromkeys(slide_ids) if s not in self._bags and s not in self._asked_set)
+        if (self.read_in_child and len(todo) >= self.READ_AHEAD_MIN and self._reader is None
+                and reader_supported()):
+            self._reader = BagReader()
+            weakref.finalize(self, self._reader.close)
+        return todo
+
+    def stream(self, slide_ids: list[str]) -> Iterator[Bag]:
+        """The bags of `slide_ids`, in order, each kept in RAM; with enough of them not in RAM
+        yet, a reader process reads those ahead, at most `READ_AHEAD` at a time (read here until
+        it has started)."""
+        todo = self.start_reader(slide_ids)
+        for s in slide_ids:
+            if todo and self._reader is not None and self._ready():
+                with self._lock:
+                    asked = []
+                    while todo and len(self._asked) + len(asked) < self.READ_AHEAD:
+                        t = todo.popleft()
+                        if t not in self._bags and t not in self._asked_set:
+                            asked.append(t)
+                    if asked:
+                        self._reader.request([(t, self.stores[t], self.n_groups, mag_values(self.stores[t]))
+                                              for t in asked])
+                        self._asked.extend(asked)
+                        self._asked_set.update(asked)
+            yield self[s]
+
+    def _ready(self) -> bool:
+        try:
+            return self._reader.ready()
+        except EOFError as e:
+            self._reader_gone(e)
+            return False
+
+    def _reader_gone(self, why: object) -> None:
+        code = self._reader.proc.wait()
+        log.warning("the bag reader process ended (%s, exit code %s); reading the remaining bags here", why, code)
+        self._reader.close()
+        self._reader = None
+        self._asked.clear()
+        self._asked_set.clear()
+
+    def _receive_through(self, slide_id: str) -> None:
+        """Take the reader's answers up to `slide_id`'s (under the lock)."""
+        while slide_id in self._asked_set:
+            try:
+                sid, got = self._reader.receive()
+            except EOFError as e:
+                self._reader_gone(f"{slide_id} not received: {e}" if str(e) else f"{slide_id} not received")
+                return
+            self._asked.popleft()
+            self._asked_set.discard(sid)
+            if isinstance(got, BaseException):
+                self._failed[sid] = got
+            else:
+                self._bags[sid] = Bag.from_arrays(sid, self.labels[sid], got)
+                self.read_by_reader += 1
 
     def __contains__(self, slide_id: str) -> bool:
         """Whether the slide is already in RAM."""
@@ -162,7 +180,7 @@ def collate(bags: list[Bag], mags: list[str]) -> tuple[dict, torch.Tensor]:
     xy (B, N, 2) float32 tile centres.
 
     Built in numpy: collate runs in the trainer's prefetch thread, where torch ops would start
-    a second OpenMP team competing with the training step's (see :func:`assign_groups`).
+    a second OpenMP team competing with the training step's (see :mod:`pipeline.mil.bag_arrays`).
     """
     feats, mask, group, xy = {}, {}, {}, {}
     for m in mags:

@@ -20,7 +20,7 @@ import pandas as pd
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from pipeline.mil.bags import tile_sides
+from pipeline.mil.bag_arrays import tile_sides
 
 log = logging.getLogger(__name__)
 

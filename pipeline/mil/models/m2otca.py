@@ -5,7 +5,7 @@ Zhu, Meijering & Wang, Medical Image Analysis 112 (2026) 104082. Per magnificati
 
 - E1: ``Linear(D_t, d) -> ReLU -> Dropout`` per tile, gated-attention scores, segment softmax
   inside each of the m groups (same tissue at every magnification, see
-  ``pipeline.mil.bags.assign_groups``) as a masked softmax over a (B, m, N) group-membership
+  ``pipeline.mil.bag_arrays.assign_groups``) as a masked softmax over a (B, m, N) group-membership
   mask, then one ``bmm`` of those weights
   with the tile embeddings (``layers.segment_attention_pool``) -> prototypes P1_t (B, m, d);
   empty groups are masked.
