@@ -67,8 +67,9 @@ for name in encoders:
     print(f"{name}: precision {gpu.spec.precision}, cosine min {cos.min():.5f} median {cos.median():.5f}, "
           f"relative L2 median {rel.median():.4f} max {rel.max():.4f}")
 EOF
-step train_step "$py" bench/train_step.py --device "$dev" --reps 20 --epoch-slides "$epoch_slides" --cohort-dir "$cache/cohort"
-# the first epoch's bags read by the prefetch thread instead of the reader process (this branch's A/B)
+step train_step "$py" bench/train_step.py --device "$dev" --reps 20 --epoch-slides "$epoch_slides" --cohort-dir "$cache/cohort" \
+    --epoch-repeats 4
+# the first epoch's bags read by the prefetch thread instead of the reader process: the A/B the README reports
 step train_step_thread "$py" bench/train_step.py --device "$dev" --reps 2 --epoch-slides "$epoch_slides" \
     --cohort-dir "$cache/cohort" --epoch-repeats 4 --loader thread
 step pretrain "$py" bench/pretrain.py "$cache/mosaic-$size.tiles.zarr" --device "$dev" \
