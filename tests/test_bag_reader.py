@@ -153,3 +153,28 @@ def test_the_reader_never_imports_torch():
     code = "import sys; import pipeline.mil.bag_reader; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+def test_training_with_the_reader_is_training_without_it(cohort, loaded, monkeypatch, tmp_path):
+    """Fresh caches, one read by the reader process and one in this process: the same checkpoint
+    and history, bit for bit."""
+    from pipeline.mil.train import TrainConfig, train_fold
+
+    _, classes, ids = loaded
+    monkeypatch.setattr("pipeline.mil.bags.BagCache.READ_AHEAD_MIN", 2)
+    cfg = TrainConfig(epochs=2, patience=10, min_epochs=1, lr=2e-3, batch_size=3, seed=7,
+                      model={"d": 16, "attn_dim": 8, "n_groups": N_GROUPS, "dropout": 0.25})
+    runs = {}
+    for name, child in (("reader", True), ("inline", False)):
+        cache, _ = cohort_cache(cohort.sheet, cohort.feature_dirs, N_GROUPS)
+        cache.read_in_child = child
+        if child:  # started and ready before training, else a tiny cohort is read before it starts
+            cache.start_reader(ids)
+            _reader_ready(cache)
+        train_fold("m2otca", cache, ids[:-6], ids[-6:], classes, list(MAGS), cfg, tmp_path / name, {"fold": "f"})
+        runs[name] = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=False),
+                      (tmp_path / name / "history.tsv").read_bytes(), cache.read_by_reader)
+    (a, hist_a, n_a), (b, hist_b, n_b) = runs["reader"], runs["inline"]
+    assert n_a > 0 and n_b == 0  # the reader read bags in one run only
+    assert hist_a == hist_b and a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

@@ -7,6 +7,7 @@ import ast
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from importlib.metadata import packages_distributions, requires
@@ -110,10 +111,16 @@ def test_lesion_evaluation_runs_when_lesions_are_named(tmp_path):
                         ("off", "annotations: {lesion_classes: []}\n")):
         cohort = tmp_path / name
         (cohort / "ann dir").mkdir(parents=True)
+        for f in ("cmu.geojson", "cmu3.xml", "notes.txt"):
+            (cohort / "ann dir" / f).write_text("{}")
         write_cohort(cohort, rows, base + extra)
         r = subprocess.run(snakemake_cmd(cohort, "-n", "-p"), capture_output=True, text=True, cwd=cohort, env=venv_env())
         assert r.returncode == 0, r.stderr[-3000:]
         cmds[name] = [a for a in shell_commands(r.stdout + r.stderr) if a[0] == "evaluate-lesions"]
+        if name == "on":  # the annotation files are inputs: a changed one reruns the evaluation
+            job = (r.stdout + r.stderr).split("rule evaluate_lesions:", 1)[1]
+            inputs = job.split("input:", 1)[1].splitlines()[0].strip().split(", ")
+            assert [f for f in inputs if f.startswith("ann dir/")] == ["ann dir/cmu.geojson", "ann dir/cmu3.xml"]
     assert cmds["off"] == [] and len(cmds["on"]) == 1
     argv = cmds["on"][0]
     build_parser().parse_args(argv)
@@ -124,7 +131,7 @@ def test_lesion_evaluation_runs_when_lesions_are_named(tmp_path):
     assert sorted(attention) == sorted(f"{m}=results/tiny/models/resnet18_simclr/{m}/fold_{k}/attention.npz"
                                        for m in ("abmil_3", "m2otca") for k in (0, 1))
     assert [argv[i + 1].split("=")[0] for i, a in enumerate(argv) if a == "--features"] == ["20x", "10x", "5x"]
-    (tmp_path / "on" / "ann dir").rmdir()  # a folder that is not there: one clear error before any job
+    shutil.rmtree(tmp_path / "on" / "ann dir")  # a folder that is not there: one clear error before any job
     r = subprocess.run(snakemake_cmd(tmp_path / "on", "-n"), capture_output=True, text=True, cwd=tmp_path / "on",
                        env=venv_env())
     assert r.returncode != 0 and "annotations.dir ann dir: no such folder" in r.stdout + r.stderr

@@ -167,14 +167,12 @@ def _evaluate_lesions(args: argparse.Namespace) -> int:
         plot_lesion_auc,
         summarize_attention,
     )
-    from pipeline.slides.annotations import lesion_geometries
+    from pipeline.slides.annotations import find_annotation, lesion_geometries
     from pipeline.slides.sheet import read_sheet
 
     rows = read_sheet(args.sheet, check_files=False)
     if args.annotations_dir:
-        d = Path(args.annotations_dir)
-        files = {r.slide_id: next((f for f in (d / f"{r.slide_id}.geojson", d / f"{r.slide_id}.json",
-                                                d / f"{r.slide_id}.xml") if f.is_file()), None) for r in rows}
+        files = {r.slide_id: find_annotation(args.annotations_dir, r.slide_id) for r in rows}
     else:
         files = {r.slide_id: r.annotations for r in rows}
     lesions = lesion_geometries(files, _names(args.lesion_classes), _names(args.non_lesion_classes))

@@ -393,6 +393,19 @@ def get_lesion_outputs(wildcards=None):
     return [f"{LESIONS}/lesion_eval.json", f"{LESIONS}/lesion_attention.png"]
 
 
+def get_lesion_annotation_files(wildcards=None):
+    """The annotation files the lesion evaluation reads, so that a changed one reruns it: each
+    slide's in annotations.dir when set, else the sheet's annotations column."""
+    from pipeline.slides.annotations import find_annotation
+
+    ann = config["annotations"]
+    sheet = get_sheet()
+    if ann["dir"]:
+        found = (find_annotation(ann["dir"], s) for s in sheet.index)
+        return sorted(str(f) for f in found if f)
+    return sorted(str(p) for p in sheet["annotations"].dropna().unique())
+
+
 def get_lesion_args(wildcards=None):
     """evaluate-lesions' annotation options (a list: quote it with :q): the lesion classes, those
     cut out of lesions, and the folder of annotations when set (else the sheet's column).

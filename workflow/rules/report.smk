@@ -84,6 +84,7 @@ rule evaluate_lesions:
         sheet=get_sheet_path,
         features=get_feature_stores,
         attention=get_attention_files,
+        annotations=get_lesion_annotation_files,
     output:
         probe=f"{LESIONS}/lesion_probe.tsv",
         table=f"{LESIONS}/lesion_attention.tsv",
