@@ -36,9 +36,6 @@ class SlideError(PipelineError):
         self.cause = one_line(cause)  # one line, always
         super().__init__(f"{self.slide}: {self.cause}")
 
-    def __reduce__(self):  # pickled by its parts (it crosses from the bag reader process)
-        return type(self), (self.slide, self.cause)
-
 
 class SheetError(PipelineError, ValueError):
     """The slide sheet is invalid or cannot give what is asked (folds, classes); raised before any work."""

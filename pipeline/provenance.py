@@ -21,15 +21,6 @@ PACKAGE = "pipeline"
 PACKAGE_DIR = Path(__file__).resolve().parent  # the package a job's `python -m pipeline` runs
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (encoder weights can be gigabytes)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _stamp(path: Path) -> tuple[Path, int, int]:
     """The cache key of a file's derived data: its path, mtime and size."""
     st = path.stat()

@@ -4,6 +4,7 @@ errors, its death, an abandoned stream, its read-ahead bound, the package it run
 from __future__ import annotations
 
 import logging
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,27 @@ def test_training_with_the_reader_is_training_without_it(cohort, loaded, monkeyp
     assert n_a > 0 and n_b == 0  # the reader read bags in one run only
     assert hist_a == hist_b and a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_errors_cross_with_their_type_and_message():
+    """A SlideError by its parts, a picklable exception as itself, any other as a RuntimeError
+    naming it (an exception class local to the child cannot be unpickled by the parent)."""
+    import socket
+
+    from pipeline.errors import SlideError
+    from pipeline.mil.bag_reader import _rebuild, _send_error
+
+    class Local(Exception):
+        pass
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        got = []
+        for e in (SlideError("s1", "feature store x is damaged"), ValueError("bad value"), Local("odd")):
+            _send_error(a, "s1", e)
+            sid, error, size = pickle.loads(b.recv(1 << 16))
+            got.append((sid, _rebuild(error), size))
+    (s1, e1, n1), (_, e2, _), (_, e3, _) = got
+    assert s1 == "s1" and n1 == 0 and type(e1) is SlideError and str(e1) == "s1: feature store x is damaged"
+    assert e1.slide == "s1" and type(e2) is ValueError and str(e2) == "bad value"
+    assert type(e3) is RuntimeError and str(e3) == "s1: Local: odd"

@@ -10,7 +10,7 @@ import pipeline
 
 ROOT = Path(pipeline.__file__).parent
 FLOORS = {  # unit -> floor; a unit is a subpackage or a top-level module
-    "pipeline": -1, "__init__": -1, "errors": -1, "config": 0, "atomic": 0, "provenance": 0, "devices": 0,
+    "pipeline": -1, "__init__": -1, "errors": -1, "config": 0, "atomic": 0, "provenance": 0, "hashing": 0, "devices": 0,
     "slides": 1, "store": 1,
     "tiling": 2, "features": 2, "mil": 2,
     "report": 3, "verify": 3,

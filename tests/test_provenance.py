@@ -13,7 +13,8 @@ from conftest import REPO
 
 from pipeline import provenance
 from pipeline.cli import COMMANDS
-from pipeline.provenance import code_fingerprint, command_files, file_sha256
+from pipeline.hashing import file_sha256
+from pipeline.provenance import code_fingerprint, command_files
 
 STAGES = ["tile", "extract", "splits", "train", "evaluate", "summarize-metrics", "plot-roc", "heatmaps",
           "manifest", "summarize-tiles", "demo-cohort"]
@@ -155,3 +156,10 @@ def test_tile_fingerprint_covers_every_slide_reader():
     for command in ("tile", "extract", "heatmaps"):
         files = {p.relative_to(pkg).as_posix() for p in command_files(command)}
         assert readers <= files, (command, readers - files)
+
+
+def test_the_fingerprinting_code_is_no_stage_code():
+    """Changing how code is fingerprinted reruns nothing: provenance.py is in no command's files."""
+    pkg = Path(provenance.__file__).parent
+    for command in COMMANDS:
+        assert pkg / "provenance.py" not in command_files(command), command

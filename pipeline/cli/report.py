@@ -167,8 +167,8 @@ def _evaluate_lesions(args: argparse.Namespace) -> int:
         plot_lesion_auc,
         summarize_attention,
     )
-    from pipeline.slides.annotations import find_annotation, lesion_geometries
-    from pipeline.slides.sheet import read_sheet
+    from pipeline.slides.annotations import lesion_geometries
+    from pipeline.slides.sheet import find_annotation, read_sheet
 
     rows = read_sheet(args.sheet, check_files=False)
     if args.annotations_dir:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
 from pipeline.features.foundation import FOUNDATION_MODELS, foundation_spec
-from pipeline.provenance import file_sha256
+from pipeline.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import SlideError
 from pipeline.mil.bag_arrays import KINDS, bag_arrays, read_slide
 
 READY = b"R"
@@ -88,7 +89,7 @@ class BagReader:
                 raise EOFError("an answer too long for the socket buffer")
             sid, layout, size = pickle.loads(msg)
             if not fds:
-                return sid, layout  # the exception
+                return sid, _rebuild(layout)  # an error, not a layout
             buf = np.empty(size, np.uint8)
             done = 0
             while done < size:
@@ -137,11 +138,26 @@ def _send_bag(sock: socket.socket, sid: str, arrays: dict[str, dict[str, np.ndar
 
 
 def _send_error(sock: socket.socket, sid: str, e: BaseException) -> None:
-    try:
-        payload = pickle.dumps((sid, e, 0), protocol=pickle.HIGHEST_PROTOCOL)
-    except (pickle.PicklingError, TypeError, AttributeError) as why:  # an exception that cannot cross
-        payload = pickle.dumps((sid, RuntimeError(f"{sid}: {type(e).__name__}: {e} ({why})"), 0))
-    sock.send(payload)
+    """The exception as the parent rebuilds it (:func:`_rebuild`): a SlideError by its parts (its
+    constructor takes the slide and the cause, so it does not unpickle), another one pickled
+    when it unpickles, else its type and message."""
+    if isinstance(e, SlideError):
+        error = ("slide", e.slide, e.cause)
+    else:
+        try:
+            data = pickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.loads(data)
+            error = ("pickle", data)
+        except Exception:  # noqa: BLE001 -- any exception that cannot cross is sent as text
+            error = ("text", f"{sid}: {type(e).__name__}: {e}")
+    sock.send(pickle.dumps((sid, error, 0), protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _rebuild(error: tuple) -> BaseException:
+    """The exception :func:`_send_error` sent."""
+    if error[0] == "slide":
+        return SlideError(error[1], error[2])
+    return pickle.loads(error[1]) if error[0] == "pickle" else RuntimeError(error[1])
 
 
 def _serve(inp, sock: socket.socket) -> None:

@@ -106,15 +106,6 @@ def _read_asap(root: ET.Element, path: Path) -> list[tuple[str, BaseGeometry]]:
     return out
 
 
-ANNOTATION_SUFFIXES = (".geojson", ".json", ".xml")  # a folder of annotations: <slide_id><suffix>
-
-
-def find_annotation(folder: str | Path, slide_id: str) -> Path | None:
-    """The slide's annotation file in `folder` (<slide_id>.geojson, .json or .xml: the first
-    found), None when it has none."""
-    return next((f for f in (Path(folder) / f"{slide_id}{x}" for x in ANNOTATION_SUFFIXES) if f.is_file()), None)
-
-
 def parse_annotation_file(path: str | Path, object_types: Iterable[str] = ANNOTATION_TYPES) -> list[tuple[str, BaseGeometry]]:
     """(class, polygonal geometry) of every annotation in the file, as written (not yet repaired)."""
     path = Path(path)

@@ -37,6 +37,15 @@ class SlideRow:
     annotations: Path | None = None  # absolute path of the slide's annotation file
 
 
+ANNOTATION_SUFFIXES = (".geojson", ".json", ".xml")  # a folder of annotations: <slide_id><suffix>
+
+
+def find_annotation(folder: str | Path, slide_id: str) -> Path | None:
+    """The slide's annotation file in a folder of them (<slide_id>.geojson, .json or .xml: the
+    first found), None when it has none: what the `annotations` column says for a sheet without one."""
+    return next((f for f in (Path(folder) / f"{slide_id}{x}" for x in ANNOTATION_SUFFIXES) if f.is_file()), None)
+
+
 def _cell(v: str | None) -> str:
     return (v or "").strip()
 

@@ -8,8 +8,9 @@ import pandas as pd
 from snakemake.utils import validate
 
 from pipeline import provenance
+from pipeline.hashing import file_sha256
 from pipeline.config import check_model_options
-from pipeline.slides.sheet import SAFE_ID, SlideRow, read_sheet
+from pipeline.slides.sheet import SAFE_ID, SlideRow, find_annotation, read_sheet
 from pipeline.mil.splits import check_splittable
 
 # Nothing here may import torch (or any module that does): this runs in the Snakemake process.
@@ -190,7 +191,7 @@ wildcard_constraints:
 
 @functools.cache
 def weights_sha256(path):
-    return provenance.file_sha256(path) if path else "random-init"
+    return file_sha256(path) if path else "random-init"
 
 
 PRETRAIN = config["features"]["pretrain"]
@@ -396,8 +397,6 @@ def get_lesion_outputs(wildcards=None):
 def get_lesion_annotation_files(wildcards=None):
     """The annotation files the lesion evaluation reads, so that a changed one reruns it: each
     slide's in annotations.dir when set, else the sheet's annotations column."""
-    from pipeline.slides.annotations import find_annotation
-
     ann = config["annotations"]
     sheet = get_sheet()
     if ann["dir"]:
