@@ -31,7 +31,11 @@ At N = 10,000 / 2,500 / 625 tiles (20x / 10x / 5x), D = 512, B = 1:
   ``--epoch-slides 0`` skips it (``nan``). ``--epoch-step-tiles K`` has the epoch's steps see
   only the first K tiles per magnification: on a CPU, a step bound by dispatching its ~660 ops
   (each releasing and retaking the GIL), as a GPU step is by launching kernels, so the loading
-  thread's effect on a GPU step can be studied without a GPU.
+  thread's effect on a GPU step can be studied without a GPU. The first epoch's bags are read
+  by the reader process (``pipeline.mil.bag_reader``, started before the model is built, as
+  ``train_fold`` does), or by the prefetch thread with ``--loader thread``. ``--pin`` keeps the
+  steps on the first CPU and the loading (prefetch thread, reader) on the others, as on a GPU
+  node, where the launching thread has a core to itself.
 
 The two measurements are interleaved rep by rep so machine noise hits both alike. On a
 machine shared with other jobs, multi-threaded wall times are unreliable (a descheduled

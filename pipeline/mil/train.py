@@ -6,11 +6,12 @@ config, seed, encoders, package version, store fingerprints) travels with the ch
 
 Loading is hidden behind compute: :func:`iter_batches` reads the next bags from the feature
 stores (first epoch; a reader process does it for large cohorts, :mod:`pipeline.mil.bag_reader`)
-and pads them into a batch in a background thread while the model works on the current one. The thread draws no random numbers and builds exactly the batches the
-loop would build itself, so results do not depend on `prefetch`. Adam uses the fused kernel
-where the parameters' device has one (CPU and CUDA): one kernel instead of a dozen passes
-over the parameters (measured on CPU, 1 thread: 1.7 ms instead of 4.5 ms per step for M2OTCA
-at D = 512, 0.6 instead of 1.4 ms at D = 64, i.e. 1.5-3 % of a training step);
+and pads them into a batch in a background thread while the model works on the current one.
+The thread draws no random numbers and builds exactly the batches the loop would build itself,
+so results do not depend on `prefetch` (nor on the reader: the same bags, tested). Adam uses
+the fused kernel where the parameters' device has one (CPU and CUDA): one kernel instead of a
+dozen passes over the parameters (measured on CPU, 1 thread: 1.7 ms instead of 4.5 ms per step
+for M2OTCA at D = 512, 0.6 instead of 1.4 ms at D = 64, i.e. 1.5-3 % of a training step);
 deterministic, but its rounding differs from the multi-tensor Adam in the last bits (~1e-8).
 """
 
