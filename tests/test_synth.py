@@ -15,7 +15,8 @@ import openslide
 import pytest
 from conftest import REPO, shared_slide
 
-from pipeline.synthetic.demo import E_VEC, H_VEC, MPP, make_demo_cohort
+from pipeline.synthetic.demo import MPP, make_demo_cohort
+from pipeline.synthetic.he_painting import E_VEC, H_VEC
 from pipeline.synthetic.slides import level_shapes, write_pyramid_tiff
 
 
