@@ -6,7 +6,8 @@ way (dispatching ~660 small ops). This times `--steps` such steps alone, then be
 doing one kind of work at a fixed rate, and prints each ratio (beside / alone):
 
 - ``load``: reading bags from Zarr feature stores (``pipeline.mil.bags.load_bag``, what the
-  trainer's prefetch thread does in the first epoch), `--rate` slides/s;
+  trainer's prefetch thread does in the first epoch without the reader process: a cohort of
+  fewer than 32 slides, or ``bench/train_step.py --loader thread``), `--rate` slides/s;
 - ``unpickle``: receiving the same bags already read, pickled (what a reader process sending
   pickles would cost this process), `--rate` slides/s;
 - ``receive``: receiving bags from the reader process (``BagCache.stream``, memory files handed
@@ -15,8 +16,8 @@ doing one kind of work at a fixed rate, and prints each ratio (beside / alone):
 - ``copy``: 4 MiB numpy copies (the GIL released inside), as fast as they go.
 
 The cohort is ``bench/train_step.py``'s (``epoch_cohort``), cached under `--cohort-dir`; the
-step is its :class:`FirstTiles` wrapper. Kinds are interleaved `--repeats` times; medians are printed. The last line is
-``load=<x> unpickle=<x> receive=<x> stat=<x> copy=<x>``.
+step is its :class:`FirstTiles` wrapper. Kinds are interleaved `--repeats` times; medians are
+printed. The last line is ``load=<x> unpickle=<x> receive=<x> stat=<x> copy=<x>``.
 """
 
 from __future__ import annotations
