@@ -307,7 +307,8 @@ def measure_epoch_ratio(
                 print(
                     f"  repeat {rep}: {n_dropped} files dropped from the page cache; first epoch "
                     f"{epoch_s:.2f}s (its steps inside it {sum(in_epoch):.2f}s), same steps alone "
-                    f"{steps_s:.2f}s: ratio {ratios[-1]:.3f}",
+                    f"{steps_s:.2f}s: ratio {ratios[-1]:.3f}"
+                    f"{f'; {cache.read_by_reader} of {len(ids)} bags read by the reader process' if loader == 'child' else ''}",
                     flush=True,
                 )
             del cache, model, opt

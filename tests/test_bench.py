@@ -40,7 +40,9 @@ def test_train_step_last_line(tmp_path, capsys, step_tiles, pin):
     mod.main(["--dim", "16", "--reps", "1", "--warmup", "0", "--epoch-slides", "8", "--epoch-repeats", "1",
               "--cohort-dir", str(tmp_path), "--threads", "2", "--epoch-step-tiles", str(step_tiles)]
              + ["--pin"] * pin)
-    *_, settings, last = capsys.readouterr().out.strip().splitlines()
+    *_, repeat, settings, last = capsys.readouterr().out.strip().splitlines()
+    # 8 slides, fewer than BagCache.READ_AHEAD_MIN: no reader process, every bag read in the trainer
+    assert repeat.strip().startswith("repeat 0: ") and repeat.endswith("; 0 of 8 bags read by the reader process")
     # the epoch's step on one thread (the loader has the other core), the step alone on --threads
     assert " threads=2 " in settings
     assert settings.endswith(f"epoch_threads=1 epoch_step_tiles={step_tiles} loader=child pin={int(pin)}")
