@@ -69,22 +69,27 @@ def module_file(name: str, root: Path = PACKAGE_DIR) -> Path | None:
     return None
 
 
+def _from_module(node: ast.ImportFrom, importer: str, is_package: bool) -> str:
+    """The module a `from ... import` reads from, a relative one resolved against `importer`."""
+    base = node.module or ""
+    if not node.level:
+        return base
+    here = importer.split(".") if is_package else importer.split(".")[:-1]
+    return ".".join(here[: len(here) - (node.level - 1)] + ([base] if base else []))
+
+
 def imported_modules(tree: ast.AST, importer: str, is_package: bool, root: Path = PACKAGE_DIR) -> set[str]:
     """Package modules imported anywhere in `tree` (top level or inside functions).
 
     `from pipeline import x` names module `pipeline.x` when it is one (else `pipeline` itself);
     relative imports are resolved against `importer`.
     """
-    here = importer.split(".") if is_package else importer.split(".")[:-1]
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                up = here[: len(here) - (node.level - 1)]
-                base = ".".join(up + ([base] if base else []))
+            base = _from_module(node, importer, is_package)
             if base.split(".")[0] != PACKAGE:
                 continue
             found.add(base)
@@ -124,14 +129,11 @@ def _top_imports(path: Path) -> list[ast.Import | ast.ImportFrom]:
 def _cli_names(module: str, path: Path, modules: dict[str, Path]) -> dict[str, tuple[str, str | None]]:
     """The names a cli module's top-level imports bind to the cli package: local name ->
     (module, its name there), or (module, None) for a module itself (`from . import args`)."""
-    here = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     names: dict[str, tuple[str, str | None]] = {}
     for node in _top_imports(path):
         if not isinstance(node, ast.ImportFrom):
             continue
-        base = node.module or ""
-        if node.level:
-            base = ".".join(here[: len(here) - (node.level - 1)] + ([base] if base else []))
+        base = _from_module(node, module, path.name == "__init__.py")
         if base in modules:
             for a in node.names:
                 sub = f"{base}.{a.name}"
