@@ -80,7 +80,7 @@ def test_attention_auc_per_slide_and_magnification(tmp_path):
 
 
 def test_lesion_auc_figure(tmp_path):
-    """One box per (model, magnification) with slides; the probe as bars; an empty table says so."""
+    """One box per (model, magnification) with slides; the probe as a dotted line; an empty table says so."""
     import matplotlib.image
 
     table = pd.DataFrame({"model": ["m2otca"] * 4 + ["abmil_3"] * 2, "slide": ["a", "b", "a", "b", "a", "b"],
